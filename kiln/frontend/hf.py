@@ -1,0 +1,209 @@
+"""Import a Hugging Face checkpoint directory: config.json -> ModelSpec, safetensors -> kiln parameters.
+
+Single-file (``model.safetensors``) and sharded (``model.safetensors.index.json``) checkpoints in
+float32, float16 or bfloat16 are read; weights are cast to the compile dtype. Every problem a user
+can cause (missing files, a truncated shard, a missing tensor, a wrong shape, an unsupported
+architecture or feature) raises a CheckpointError / UnsupportedModelError naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError, UnsupportedModelError
+from ..ir.spec import DTYPES, ModelSpec, RopeSpec
+from .registry import ARCHITECTURES, Architecture
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                   "special_tokens_map.json", "chat_template.jinja")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+
+
+def architecture_of(config: dict[str, Any]) -> Architecture:
+    names = config.get("architectures") or []
+    for name in names:
+        if name in ARCHITECTURES:
+            return ARCHITECTURES[name]
+    got = ", ".join(names) or f"model_type={config.get('model_type')!r} with no 'architectures'"
+    raise UnsupportedModelError(
+        f"unsupported architecture {got}; kiln supports: {', '.join(sorted(ARCHITECTURES))}")
+
+
+def _rope(config: dict[str, Any]) -> RopeSpec:
+    # transformers >= 5 writes rope_parameters; older configs rope_theta + rope_scaling.
+    params = dict(config.get("rope_parameters") or {})
+    scaling = dict(config.get("rope_scaling") or {})
+    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    merged = {**scaling, **params}
+    rtype = merged.get("rope_type", merged.get("type", "default"))
+    if rtype == "default":
+        return RopeSpec(theta=float(theta))
+    if rtype == "linear":
+        return RopeSpec(theta=float(theta), type="linear", factor=float(merged["factor"]))
+    if rtype == "llama3":
+        return RopeSpec(theta=float(theta), type="llama3", factor=float(merged["factor"]),
+                        low_freq_factor=float(merged["low_freq_factor"]),
+                        high_freq_factor=float(merged["high_freq_factor"]),
+                        original_max_position_embeddings=int(merged["original_max_position_embeddings"]))
+    raise UnsupportedModelError(f"unsupported rope scaling type {rtype!r}; kiln supports default, linear, llama3")
+
+
+def _sliding_window(config: dict[str, Any]) -> int | None:
+    if config.get("use_sliding_window") is False:
+        return None
+    layer_types = config.get("layer_types")
+    if layer_types is not None:
+        sliding = [t == "sliding_attention" for t in layer_types]
+        if not any(sliding):
+            return None
+        if not all(sliding):
+            raise UnsupportedModelError("models mixing sliding-window and global layers are not supported yet")
+    return config.get("sliding_window")
+
+
+def _eos_ids(model_dir: Path, config: dict[str, Any]) -> tuple[int, ...]:
+    gen = model_dir / "generation_config.json"
+    eos = _read_json(gen).get("eos_token_id") if gen.exists() else None
+    if eos is None:
+        eos = config.get("eos_token_id")
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, list) else (int(eos),)
+
+
+def load_spec(model_dir: Path, dtype: str | None = None, context_len: int | None = None) -> ModelSpec:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir} is not a directory (expected a Hugging Face checkpoint directory)")
+    config = _read_json(model_dir / "config.json")
+    arch = architecture_of(config)
+    if config.get("mlp_bias"):
+        raise UnsupportedModelError(f"{arch.name} with mlp_bias=true is not supported")
+    if config.get("hidden_act", "silu") != "silu":
+        raise UnsupportedModelError(f"hidden_act={config['hidden_act']!r} is not supported (only silu)")
+    try:
+        hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+        head_dim = int(config.get("head_dim") or hidden // heads)
+        max_pos = int(config.get("max_position_embeddings", 4096))
+        ctx = min(max_pos, context_len) if context_len else max_pos
+        window = _sliding_window(config)
+        # A window at least as long as the compiled context can never take effect: the model is global.
+        window = None if window is None or int(window) >= ctx else int(window)
+        bias = config.get("attention_bias", False)
+        if dtype is None:
+            dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+        if dtype not in DTYPES:
+            raise UnsupportedModelError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        return ModelSpec(
+            architecture=arch.name,
+            vocab_size=int(config["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(config["intermediate_size"]),
+            num_layers=int(config["num_hidden_layers"]),
+            num_q_heads=heads,
+            num_kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=head_dim,
+            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            context_len=ctx,
+            rope=_rope(config),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            attention_bias=bool(bias if arch.qkv_bias is None else arch.qkv_bias),
+            o_bias=bool(bias if arch.o_bias is None else arch.o_bias),
+            qk_norm=arch.qk_norm,
+            sliding_window=window,
+            dtype=dtype,
+            bos_token_id=config.get("bos_token_id"),
+            eos_token_ids=_eos_ids(model_dir, config),
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{model_dir / 'config.json'} lacks the field {e.args[0]!r}") from None
+    except (TypeError, ValueError, AssertionError) as e:
+        raise CheckpointError(f"{model_dir / 'config.json'} has an invalid value: {e}") from None
+
+
+def _weight_files(model_dir: Path) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file holding it."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no weight_map")
+        return {name: model_dir / f for name, f in weight_map.items()}
+    single = model_dir / "model.safetensors"
+    if not single.exists():
+        found = sorted(p.name for p in model_dir.iterdir())
+        raise CheckpointError(
+            f"no model.safetensors or model.safetensors.index.json in {model_dir} (found: {', '.join(found)}); "
+            "kiln reads safetensors checkpoints only")
+    return {name: single for name in _safetensors_keys(single)}
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+def load_weights(model_dir: Path, spec: ModelSpec, names: dict[str, tuple[int, ...]]):
+    """Read the tensors kiln needs, as torch tensors of ``spec.dtype``, keyed by kiln parameter name.
+
+    ``names`` maps each kiln parameter name to its expected shape (from the reference builder).
+    """
+    import torch
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    arch = ARCHITECTURES[spec.architecture]
+    files = _weight_files(model_dir)
+    want: dict[str, str] = {}
+    for kname in names:
+        m = re.match(r"layers\.(\d+)\.(.*)", kname)
+        tmpl = f"layers.{{i}}.{m.group(2)}" if m else kname
+        want[kname] = arch.weights[tmpl].replace("{i}", m.group(1)) if m else arch.weights[tmpl]
+    missing = sorted({hf for hf in want.values() if hf not in files})
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"{model_dir} lacks weights {', '.join(missing[:5])}{more}")
+    by_file: dict[Path, list[str]] = {}
+    for kname, hf in want.items():
+        by_file.setdefault(files[hf], []).append(kname)
+    dt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[spec.dtype]
+    out = {}
+    for path, knames in by_file.items():
+        if not path.exists():
+            raise CheckpointError(f"weight shard {path.name} listed in the index is missing from {model_dir}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for kname in knames:
+                    t = f.get_tensor(want[kname])
+                    if tuple(t.shape) != tuple(names[kname]):
+                        raise CheckpointError(f"{want[kname]} in {path.name} has shape {tuple(t.shape)}, "
+                                              f"config.json implies {tuple(names[kname])}")
+                    out[kname] = t.to(dt).contiguous()
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+    return out
+
+
+def tokenizer_files(model_dir: Path) -> list[Path]:
+    model_dir = Path(model_dir)
+    if not (model_dir / "tokenizer.json").exists():
+        raise CheckpointError(f"{model_dir} has no tokenizer.json (kiln needs a fast tokenizer to serve the model)")
+    return [model_dir / f for f in TOKENIZER_FILES if (model_dir / f).exists()]

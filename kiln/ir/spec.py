@@ -1,0 +1,115 @@
+"""ModelSpec: the frozen description of a decoder LLM that every layer of kiln agrees on.
+
+The frontend produces it from a checkpoint's config, the passes read it, the artifact stores it as
+JSON in its manifest and the runtime sizes the KV cache from it. Pure Python: no TVM import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+DTYPES = ("float32", "float16", "bfloat16")
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """Rotary position embedding (rotate-half / NeoX layout) and its scaling."""
+
+    theta: float = 10000.0
+    type: str = "default"  # one of ROPE_TYPES
+    factor: float = 1.0  # linear: positions are divided by it; llama3: low-frequency scale-down
+    low_freq_factor: float = 1.0  # llama3 only
+    high_freq_factor: float = 4.0  # llama3 only
+    original_max_position_embeddings: int = 8192  # llama3 only
+
+    def __post_init__(self):
+        assert self.type in ROPE_TYPES, self.type
+        assert self.theta > 0 and self.factor > 0
+
+    def inv_freq(self, head_dim: int) -> list[float]:
+        """Per-pair inverse frequencies, as transformers computes them (float64 here)."""
+        base = [1.0 / self.theta ** (2 * i / head_dim) for i in range(head_dim // 2)]
+        if self.type == "linear":
+            return [f / self.factor for f in base]
+        if self.type == "llama3":
+            low_wavelen = self.original_max_position_embeddings / self.low_freq_factor
+            high_wavelen = self.original_max_position_embeddings / self.high_freq_factor
+            out = []
+            for f in base:
+                wavelen = 2 * math.pi / f
+                if wavelen > low_wavelen:
+                    out.append(f / self.factor)
+                elif wavelen < high_wavelen:
+                    out.append(f)
+                else:
+                    smooth = (self.original_max_position_embeddings / wavelen - self.low_freq_factor) / (
+                        self.high_freq_factor - self.low_freq_factor)
+                    out.append((1 - smooth) * f / self.factor + smooth * f)
+            return out
+        return base
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shape and features of a decoder-only transformer (Llama family)."""
+
+    architecture: str  # the Hugging Face architecture name, e.g. "LlamaForCausalLM"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    context_len: int  # the longest sequence the compiled model serves
+    rope: RopeSpec = field(default_factory=RopeSpec)
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on the q/k/v projections
+    o_bias: bool = False  # bias on the output projection
+    qk_norm: bool = False
+    sliding_window: int | None = None  # None: every layer attends globally
+    dtype: str = "float32"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        assert self.dtype in DTYPES, self.dtype
+        assert self.num_q_heads % self.num_kv_heads == 0, "GQA needs num_q_heads % num_kv_heads == 0"
+        assert self.head_dim % 2 == 0 and self.num_layers > 0 and self.context_len > 0
+
+    @property
+    def num_groups(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+    @property
+    def dtype_bytes(self) -> int:
+        return 4 if self.dtype == "float32" else 2
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V of every layer for one token, in bytes."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+    @property
+    def sm_scale(self) -> float:
+        return self.head_dim ** -0.5
+
+    def replace(self, **changes: Any) -> "ModelSpec":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "ModelSpec":
+        d = dict(d)
+        d["rope"] = RopeSpec(**d["rope"])
+        d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        return cls(**d)

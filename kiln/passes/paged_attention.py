@@ -1,0 +1,329 @@
+"""lower_paged_attention: reference form -> serving form on TVM's paged KV cache.
+
+Matches: a module whose ``forward(input_ids: [n] int32, params: Tuple) -> [n, V]`` (kiln/ir/abi.py
+REFERENCE_ENTRY) is in reference form: one dataflow body, the token ids used only by one
+``take(embed_weight, input_ids, axis=0)`` whose weight is a packed parameter, and every attention a
+call to a ``kiln.op = "attention"`` composite (kiln/ir/attention.py) with layer ids 0..L-1.
+
+Emits the artifact's serving entry points (kiln/ir/abi.py ENTRY_POINTS): ``embed``; ``prefill``,
+``decode``, ``batch_prefill``, ``batch_decode``, each a copy of ``forward`` in which the embedding
+is replaced by an input, every attention call by
+``vm.builtin.attention_kv_cache_attention_with_fused_qkv`` on the KV cache that is threaded through
+(RoPE, append and attention in one builtin), and, for the prefills, the rows whose logits are
+wanted gathered as early as the token-wise tail allows (before the final norm and lm_head); and
+``create_paged_kv_cache`` with the cache's TIR kernels for the target. ``forward`` and the
+composites are removed unless ``keep_reference``.
+
+Preconditions: run before LegalizeOps (the pass matches Relax ops, not TIR calls); the composites
+agree on head counts, head_dim and RoPE (one cache holds every layer).
+
+Rejected, with a PassError naming what did not match: no ``forward``; a ``forward`` with no
+attention composite; layer ids that are not exactly 0..L-1; composites that disagree on heads,
+head_dim or RoPE; non-causal attention; a sliding window (lands with the MixAttention work: TVM's
+cache evicts by page, which equals a dense window mask only under chunking rules kiln does not
+enforce yet); RoPE other than rotate-half; input ids used by anything but one embedding take.
+
+Invariant: for every sequence, the logits of ``prefill``/``decode`` (and of the batched entries,
+row for row) equal ``forward``'s logits at the same positions, within float rounding; after the
+pass no attention composite is called from a serving function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import PassError
+from ..ir.abi import ENTRY_POINTS, REFERENCE_ENTRY
+from ..ir.attention import is_attention
+from ..ir.tvm import IRModule, PyExprMutator, RopeMode, Target, TIRPagedKVCache, mutator, relax, te, tirx, tvm
+
+KV_ATTENTION_BUILTIN = "vm.builtin.attention_kv_cache_attention_with_fused_qkv"
+_TOKENWISE_UNARY = {"relax.astype", "relax.nn.silu"}
+_TOKENWISE_WITH_PARAM = {"relax.matmul", "relax.add", "relax.multiply", "relax.nn.rms_norm"}
+
+
+def _attr(func, key):
+    v = func.attrs[key]
+    return v.value if hasattr(v, "value") else v
+
+
+@dataclass
+class _Attention:
+    var: relax.Var  # the binding's var in forward
+    layer_id: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    sm_scale: float
+
+
+class _Analysis:
+    """Locates the pieces of the reference form the rewrite needs; raises PassError if one is missing."""
+
+    def __init__(self, mod: IRModule):
+        gvs = {gv.name_hint: gv for gv in mod.get_global_vars()}
+        if REFERENCE_ENTRY.name not in gvs:
+            raise PassError(f"paged_attention: no '{REFERENCE_ENTRY.name}' function (the reference form's entry)")
+        f = mod[gvs[REFERENCE_ENTRY.name]]
+        if len(f.params) != 2:
+            raise PassError("paged_attention: forward must take (input_ids, params)")
+        self.mod, self.ref = mod, f
+        self.ids, self.packed = f.params
+        ids_shape = self.ids.ty.shape
+        if len(ids_shape) != 1 or not isinstance(ids_shape[0], tirx.Var):
+            raise PassError("paged_attention: forward's input_ids must be [seq_len] with a symbolic seq_len")
+        self.seq_var = ids_shape[0]
+        self.bindings = [b for blk in f.body.blocks for b in blk.bindings]
+        self.value_of = {b.var: b.value for b in self.bindings}
+        self.uses: dict[relax.Var, int] = {}
+        for b in self.bindings:
+            relax.analysis.post_order_visit(b.value, lambda e: self._count(e))
+        relax.analysis.post_order_visit(f.body.body, lambda e: self._count(e))
+
+        self.param_derived = {self.packed}
+        for b in self.bindings:  # vars computed from parameters alone (weights, transposed weights)
+            fv = relax.analysis.free_vars(b.value)
+            if fv and all(v in self.param_derived for v in fv):
+                self.param_derived.add(b.var)
+
+        self.embed = self._find_embed()
+        self.attentions = self._find_attentions()
+        self.gather_var = self._find_gather_point()
+        a0 = self.attentions[0]
+        self.num_layers = len(self.attentions)
+        self.num_q_heads, self.num_kv_heads, self.head_dim = a0.num_q_heads, a0.num_kv_heads, a0.head_dim
+        self.hidden = int(self.embed.value.args[0].ty.shape[1])
+        self.dtype = str(self.embed.value.args[0].ty.dtype)
+
+    def _count(self, e):
+        if isinstance(e, relax.Var):
+            self.uses[e] = self.uses.get(e, 0) + 1
+
+    def _find_embed(self):
+        takes = [b for b in self.bindings if isinstance(b.value, relax.Call) and self.ids in list(b.value.args)]
+        ok = (len(takes) == 1 and isinstance(takes[0].value.op, tvm.ir.Op) and takes[0].value.op.name == "relax.take"
+              and takes[0].value.args[1].same_as(self.ids) and int(takes[0].value.attrs.axis) == 0)
+        if not ok:
+            raise PassError("paged_attention: input_ids must be used only by take(embed_weight, input_ids, axis=0) "
+                            "(did LegalizeOps run before this pass?)")
+        w = takes[0].value.args[0]
+        if w not in self.param_derived or not isinstance(self.value_of.get(w), relax.TupleGetItem):
+            raise PassError("paged_attention: the embedding weight must be one of the packed parameters")
+        return takes[0]
+
+    def _find_attentions(self) -> list[_Attention]:
+        found = []
+        for b in self.bindings:
+            v = b.value
+            if isinstance(v, relax.Call) and isinstance(v.op, relax.GlobalVar) and is_attention(self.mod[v.op]):
+                fn = self.mod[v.op]
+                if int(_attr(fn, "kiln.causal")) != 1:
+                    raise PassError(f"paged_attention: {v.op.name_hint} is not causal; only causal attention is paged")
+                if int(_attr(fn, "kiln.sliding_window")) > 0:
+                    raise PassError(f"paged_attention: {v.op.name_hint} has a sliding window; sliding-window "
+                                    "attention is not supported by this pass yet")
+                if str(_attr(fn, "kiln.rope")) != "normal":
+                    raise PassError(f"paged_attention: {v.op.name_hint} uses RoPE {_attr(fn, 'kiln.rope')!r}; "
+                                    "only rotate-half ('normal') RoPE is supported")
+                found.append(_Attention(b.var, int(_attr(fn, "kiln.layer_id")), int(_attr(fn, "kiln.num_q_heads")),
+                                        int(_attr(fn, "kiln.num_kv_heads")), int(_attr(fn, "kiln.head_dim")),
+                                        float(_attr(fn, "kiln.sm_scale"))))
+                self.rope_fn = fn
+        if not found:
+            raise PassError("paged_attention: forward calls no kiln attention composite (kiln.op='attention'); "
+                            "run the recognition passes first for imported graphs")
+        ids = sorted(a.layer_id for a in found)
+        if ids != list(range(len(found))):
+            raise PassError(f"paged_attention: attention layer ids must be 0..{len(found) - 1}, got {ids}")
+        a0 = found[0]
+        for a in found:
+            if (a.num_q_heads, a.num_kv_heads, a.head_dim) != (a0.num_q_heads, a0.num_kv_heads, a0.head_dim):
+                raise PassError(f"paged_attention: layer {a.layer_id} has a head configuration different from "
+                                "layer 0; one paged KV cache needs it uniform")
+        rope_keys = [k for k in self.mod[self.value_of[a0.var].op].attrs.keys() if str(k).startswith("kiln.rope")]
+        for a in found:
+            fa = self.mod[self.value_of[a.var].op].attrs
+            fb = self.mod[self.value_of[a0.var].op].attrs
+            if any(str(fa[k]) != str(fb[k]) for k in rope_keys):
+                raise PassError(f"paged_attention: layer {a.layer_id} uses different RoPE parameters than layer 0")
+        return found
+
+    def _find_gather_point(self) -> relax.Var:
+        """The earliest var of the token-wise tail ``out = f_k(...f_1(x))``: logits rows depend on x rows only."""
+        out = self.ref.body.body
+        x = out
+        while isinstance(x, relax.Var) and isinstance(self.value_of.get(x), relax.Call):
+            call = self.value_of[x]
+            if not isinstance(call.op, tvm.ir.Op) or not call.args or not isinstance(call.args[0], relax.Var):
+                break
+            src, rest = call.args[0], list(call.args[1:])
+            tokenwise = call.op.name in _TOKENWISE_UNARY or (
+                call.op.name in _TOKENWISE_WITH_PARAM and rest and all(r in self.param_derived for r in rest))
+            if not tokenwise or src in self.param_derived or self.uses.get(src, 0) != 1 or src == self.embed.var:
+                break
+            x = src
+        return x
+
+    def kv_rope(self) -> dict:
+        fn = self.rope_fn
+        rtype = str(_attr(fn, "kiln.rope_type"))
+        factor = float(_attr(fn, "kiln.rope_factor"))
+        scaling = {}
+        if rtype == "llama3":
+            scaling = {"rope_type": "llama3", "factor": factor,
+                       "low_freq_factor": float(_attr(fn, "kiln.rope_low_freq_factor")),
+                       "high_freq_factor": float(_attr(fn, "kiln.rope_high_freq_factor")),
+                       "original_max_position_embeddings": int(_attr(fn, "kiln.rope_original_max_position_embeddings"))}
+        return {"theta": float(_attr(fn, "kiln.rope_theta")),
+                "scale": 1.0 / factor if rtype == "linear" else 1.0,  # the cache multiplies positions by it
+                "scaling": scaling}
+
+
+@mutator
+class _Cloner(PyExprMutator):
+    """Copies forward's bindings into a new function with fresh vars, some bindings replaced."""
+
+    def __init__(self, mod: IRModule):
+        super().__init__(mod)
+        # PyExprMutator.builder_ read back from C++ loses the Python-side function stack: keep our own.
+        self.bb = relax.BlockBuilder(mod)
+        self.builder_ = self.bb
+
+    def clone(self, bindings, special: dict):
+        for b in bindings:
+            if b.var in special:
+                new = special[b.var](self, b)
+            else:
+                new = self.bb.emit(self.visit_expr(b.value), name_hint=b.var.name)
+            self.set_var_remap(b.var, new)
+
+
+def _serving_function(cl: _Cloner, an: _Analysis, name: str, kv_out_ty) -> None:
+    entry = ENTRY_POINTS[name]
+    H, V_shape = an.hidden, an.ref.ret_ty.shape
+    vocab = V_shape[1]
+    if name == "decode":
+        n = tirx.IntImm("int64", 1)
+    elif name == "batch_decode":
+        n = tirx.Var("batch_size", "int64")
+    else:
+        n = tirx.Var("seq_len", "int64")
+    f = an.ref.bind_symbolic_vars({an.seq_var: n})
+    bindings = [b for blk in f.body.blocks for b in blk.bindings]
+    value_of = {b.var: b.value for b in bindings}
+    # Re-locate the special bindings in the copy by position (bind_symbolic_vars rebuilds vars).
+    index = {b.var: i for i, b in enumerate(an.bindings)}
+    embed_var = bindings[index[an.embed.var]].var
+    attn_vars = {bindings[index[a.var]].var: a for a in an.attentions}
+    gather = bindings[index[an.gather_var]].var if an.gather_var in index else None
+
+    emb_shape = [n, 1, H] if name == "batch_decode" else [1, n, H]
+    embeds = relax.Var("input_embeds" if name.startswith("batch") else "input_embed",
+                       relax.TensorType(emb_shape, an.dtype))
+    kv = relax.Var("paged_kv_cache", relax.AnyType())
+    packed = relax.Var("params", an.packed.ty)
+    params = [embeds]
+    positions = None
+    if name == "batch_prefill":
+        b = tirx.Var("batch_size", "int64")
+        positions = relax.Var("logit_positions", relax.TensorType([b], "int32"))
+        params.append(positions)
+    params += [kv, packed]
+    assert len(params) == len(entry.inputs)
+    bb = cl.bb
+
+    def on_embed(c, b):
+        return bb.emit(relax.op.reshape(embeds, [n, H]), name_hint="embeds")
+
+    def on_attention(c, b):
+        a = attn_vars[b.var]
+        q, k, v = [c.visit_expr(x) for x in b.value.args]
+        qkv = bb.emit(relax.op.concat([q, k, v], axis=1), name_hint=f"qkv{a.layer_id}")  # [n, hq + 2 hkv, d]
+        return bb.emit(relax.call_dps_packed(
+            KV_ATTENTION_BUILTIN, [kv, relax.prim_value(a.layer_id), relax.prim_value(a.sm_scale), qkv],
+            out_ty=relax.TensorType([n, a.num_q_heads, a.head_dim], an.dtype)), name_hint=f"attn{a.layer_id}")
+
+    def on_gather(c, b):
+        x = bb.emit(c.visit_expr(b.value), name_hint=b.var.name)
+        if name == "prefill":  # the last token's row
+            return bb.emit_te(lambda t: te.compute((1, t.shape[1]), lambda i, j: t[t.shape[0] - 1, j], name="last_row"),
+                              x, primfunc_name_hint="take_last_row")
+        return bb.emit(relax.op.take(x, positions, axis=0), name_hint="gathered")
+
+    special = {embed_var: on_embed, **{v: on_attention for v in attn_vars}}
+    if name in ("prefill", "batch_prefill"):
+        if gather is None or gather == f.body.body:  # nothing token-wise to hoist past: gather the logits
+            gather = f.body.body
+        special[gather] = on_gather
+    with bb.function(name, params, attrs={"num_input": entry.num_input}):
+        with bb.dataflow():
+            cl.set_var_remap(f.params[1], packed)
+            cl.clone(bindings, special)
+            logits = cl.visit_expr(f.body.body)
+            rows = {"prefill": [1, 1, vocab], "decode": [1, 1, vocab],
+                    "batch_prefill": [1, positions.ty.shape[0] if positions is not None else 1, vocab],
+                    "batch_decode": [n, 1, vocab]}[name]
+            logits = bb.emit(relax.op.reshape(logits, rows), name_hint="logits")
+            out = bb.emit_output(relax.Tuple([logits, kv]))
+        bb.emit_func_output(out)
+    del value_of
+
+
+def _embed_function(cl: _Cloner, an: _Analysis) -> None:
+    n = tirx.Var("seq_len", "int64")
+    ids = relax.Var("input_ids", relax.TensorType([n], "int32"))
+    packed = relax.Var("params", an.packed.ty)
+    idx = an.value_of[an.embed.value.args[0]].index
+    bb = cl.bb
+    with bb.function("embed", [ids, packed], attrs={"num_input": ENTRY_POINTS["embed"].num_input}):
+        with bb.dataflow():
+            w = bb.emit(relax.TupleGetItem(packed, idx))
+            out = bb.emit_output(relax.op.take(w, ids, axis=0))
+        bb.emit_func_output(out)
+
+
+def _create_kv_function(cl: _Cloner, an: _Analysis, target: Target) -> None:
+    names = ENTRY_POINTS["create_paged_kv_cache"].inputs
+    svars = [tirx.Var(s.split(":")[0], "int64") for s in names]
+    params = [relax.Var(v.name + "_", relax.ShapeType([v])) for v in svars]
+    rope = an.kv_rope()
+    bb = cl.bb
+    with bb.function("create_paged_kv_cache", params, attrs={"num_input": len(params)}):
+        cache = TIRPagedKVCache(
+            attn_kind="mha", max_batch_size=svars[0], max_total_seq_len=svars[1], prefill_chunk_size=svars[2],
+            page_size=svars[3], support_sliding_window=svars[4],
+            layer_partition=relax.ShapeExpr([0, an.num_layers]), num_hidden_layers=an.num_layers,
+            num_attention_heads=an.num_q_heads, num_key_value_heads=an.num_kv_heads,
+            qk_head_dim=an.head_dim, v_head_dim=an.head_dim, mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
+            rope_mode=RopeMode.NORMAL, rope_scale=rope["scale"], rope_theta=rope["theta"],
+            rope_scaling=rope["scaling"], rope_ext_factors=relax.prim_value(0), rotary_dim=an.head_dim,
+            enable_disaggregation=False, dtype=an.dtype, target=target)
+        out = bb.emit(cache._expr, name_hint="paged_kv_cache")
+        bb.emit_func_output(out)
+
+
+@tvm.ir.transform.module_pass(opt_level=0, name="kiln.LowerPagedAttention")
+class LowerPagedAttention:
+    """Module pass; see the module docstring for what it matches, emits and rejects."""
+
+    def __init__(self, target: Target, keep_reference: bool = False):
+        self.target = target
+        self.keep_reference = keep_reference
+
+    def transform_module(self, mod: IRModule, _ctx) -> IRModule:
+        an = _Analysis(mod)
+        cl = _Cloner(mod)
+        _embed_function(cl, an)
+        for name in ("prefill", "decode", "batch_prefill", "batch_decode"):
+            _serving_function(cl, an, name, None)
+        _create_kv_function(cl, an, self.target)
+        out = cl.bb.get()
+        if not self.keep_reference:
+            out = IRModule({gv: f for gv, f in out.functions_items() if gv.name_hint != REFERENCE_ENTRY.name},
+                           attrs=out.attrs)
+        return relax.transform.DeadCodeElimination(list(ENTRY_POINTS) + (
+            [REFERENCE_ENTRY.name] if self.keep_reference else []))(out)
+
+
+def lower_paged_attention(mod: IRModule, target: Target, keep_reference: bool = False) -> IRModule:
+    return LowerPagedAttention(target, keep_reference)(mod)
