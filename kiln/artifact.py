@@ -1,0 +1,138 @@
+"""The artifact: one directory a user can copy, written by ``kiln compile`` and read by the runtime.
+
+    manifest.json       kiln / TVM / tvm-ffi / ABI versions, target, ModelSpec, parameter order,
+                        compile options and the sha256 of every other file
+    model.so            the compiled library (VM executable + kernels for the target)
+    params.safetensors  the (transformed) weights, named by kiln parameter name
+    tokenizer.json, tokenizer_config.json, generation_config.json, ...   copied from the checkpoint
+
+Pure Python (no TVM import): the runtime reads it on machines without the TVM compiler. Nothing in
+an artifact is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import ArtifactError
+from .ir.abi import ABI_VERSION
+from .ir.spec import ModelSpec
+
+MANIFEST = "manifest.json"
+LIBRARY = "model.so"
+PARAMS = "params.safetensors"
+FORMAT = "kiln-artifact"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def installed_tvm_versions() -> dict[str, str]:
+    """Versions of the installed TVM packages, read from package metadata (no import of tvm)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist, key in (("apache-tvm", "tvm"), ("apache-tvm-ffi", "tvm_ffi")):
+        try:
+            out[key] = version(dist)
+        except PackageNotFoundError:
+            out[key] = "unknown"
+    return out
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def spec(self) -> ModelSpec:
+        return ModelSpec.from_json(self.manifest["spec"])
+
+    @property
+    def target(self) -> dict[str, Any]:
+        return self.manifest["target"]
+
+    @property
+    def param_names(self) -> list[str]:
+        return list(self.manifest["param_names"])
+
+    @property
+    def library(self) -> Path:
+        return self.path / LIBRARY
+
+    @property
+    def params_file(self) -> Path:
+        return self.path / PARAMS
+
+    def file_sizes(self) -> dict[str, int]:
+        return {name: (self.path / name).stat().st_size for name in self.manifest["files"]}
+
+
+def write_manifest(path: Path, *, spec: ModelSpec, target: dict, param_names: list[str],
+                   options: dict[str, Any], tvm_versions: dict[str, str]) -> dict[str, Any]:
+    files = sorted(p.name for p in path.iterdir() if p.is_file() and p.name != MANIFEST)
+    manifest = {
+        "format": FORMAT,
+        "abi_version": ABI_VERSION,
+        "kiln_version": __version__,
+        "tvm_version": tvm_versions["tvm"],
+        "tvm_ffi_version": tvm_versions["tvm_ffi"],
+        "target": target,
+        "spec": spec.to_json(),
+        "param_names": param_names,
+        "options": options,
+        "files": {name: sha256(path / name) for name in files},
+    }
+    (path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
+    """Read and check an artifact directory; raise ArtifactError on any mismatch."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not path.is_dir() or not mpath.exists():
+        raise ArtifactError(f"{path} is not a kiln artifact (no {MANIFEST}); create one with `kiln compile`")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{mpath} is corrupt ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{mpath} is not a kiln artifact manifest")
+    if verify:
+        if manifest.get("abi_version") != ABI_VERSION or manifest.get("kiln_version") != __version__:
+            raise ArtifactError(
+                f"{path} was built by kiln {manifest.get('kiln_version')} (ABI {manifest.get('abi_version')}); "
+                f"this is kiln {__version__} (ABI {ABI_VERSION}): recompile it with `kiln compile`")
+        have = installed_tvm_versions()
+        want = {"tvm": manifest.get("tvm_version"), "tvm_ffi": manifest.get("tvm_ffi_version")}
+        if have != want:
+            raise ArtifactError(f"{path} was built with TVM {want['tvm']} / tvm-ffi {want['tvm_ffi']}, "
+                                f"installed are {have['tvm']} / {have['tvm_ffi']}: recompile it with `kiln compile`")
+        files = manifest.get("files", {})
+        for name in (LIBRARY, PARAMS):
+            if name not in files:
+                raise ArtifactError(f"{path}: the manifest lists no {name}")
+        for name, digest in files.items():
+            f = path / name
+            if not f.is_file():
+                raise ArtifactError(f"{path}: {name} is missing")
+            if sha256(f) != digest:
+                raise ArtifactError(f"{path}: {name} does not match its sha256 in the manifest (modified or corrupt)")
+    try:
+        art = Artifact(path, manifest)
+        art.spec  # noqa: B018  (parse now, fail here rather than later)
+    except (KeyError, TypeError, AssertionError) as e:
+        raise ArtifactError(f"{mpath} is malformed ({e})") from None
+    return art

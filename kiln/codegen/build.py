@@ -1,0 +1,57 @@
+"""Lower a serving-form module to a target and export it as one shared library.
+
+The CPU pipeline is TVM's generic one (legalize, fuse, lower). The CUDA pipeline adds dlight
+schedules for every kernel; it must run where TVM's CUDA runtime loaded (kiln/ir/tvm.py preloads a
+stub driver on GPU-less hosts) so that nvcc turns the kernels into a fatbin of machine code for the
+arch; a build that would embed CUDA source instead is refused.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from ..errors import TargetError
+from ..ir.tvm import cuda_runtime_loaded, dlight, relax, tvm
+from .targets import TargetSpec
+
+
+def _cuda_pipeline(target):
+    @tvm.transform.module_pass(opt_level=0, name="kiln.CUDAPipeline")
+    def pipeline(mod, _ctx):
+        seq = tvm.transform.Sequential([
+            relax.backend.DispatchSampling(), relax.backend.DispatchSortScan(),
+            relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),
+            relax.transform.DeadCodeElimination(),
+            dlight.ApplyDefaultSchedule(dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
+                                        dlight.gpu.GeneralReduction(), dlight.gpu.Fallback()),
+            relax.transform.RewriteDataflowReshape(), relax.transform.ToNonDataflow(),
+            relax.transform.RemovePurityChecking(), relax.transform.CallTIRRewrite(),
+            relax.transform.StaticPlanBlockMemory(), relax.transform.RewriteCUDAGraph(),
+            relax.transform.LowerAllocTensor(), relax.transform.KillAfterLastUse(),
+            relax.transform.LowerRuntimeBuiltin(), relax.transform.ComputePrimValue(),
+            relax.transform.VMShapeLower(), relax.transform.AttachGlobalSymbol(),
+        ])
+        with target:
+            return seq(mod)
+
+    return pipeline
+
+
+def build(mod, target: TargetSpec):
+    """Compile a serving-form IRModule; returns TVM's executable."""
+    tt = target.tvm_target()
+    if target.name == "cuda":
+        if shutil.which("nvcc") is None:
+            raise TargetError("--target cuda needs nvcc (the CUDA toolkit) on PATH to produce machine code")
+        if not cuda_runtime_loaded():
+            raise TargetError("TVM's CUDA runtime did not load, so the build would hold CUDA source instead of "
+                              "machine code; install a C compiler (for the stub driver) or a CUDA driver")
+        with tt:
+            return tvm.compile(mod, target=tt, relax_pipeline=_cuda_pipeline(tt))
+    return tvm.compile(mod, target=tt, relax_pipeline=relax.backend.cpu_generic.get_default_pipeline(tt))
+
+
+def export(executable, path: Path) -> None:
+    executable.export_library(str(path))

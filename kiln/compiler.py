@@ -1,0 +1,84 @@
+"""The life of a compile: checkpoint -> reference form -> passes -> codegen -> artifact directory."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .artifact import LIBRARY, PARAMS, installed_tvm_versions, load_artifact, write_manifest
+from .errors import KilnError
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    target: str = "cpu"
+    arch: str | None = None
+    dtype: str | None = None  # None: the checkpoint's dtype
+    context_len: int | None = None  # None: the model's max_position_embeddings
+    dump_ir: Path | None = None
+    keep_reference: bool = False  # keep the dense forward in the library (for self-checks)
+
+
+@dataclass
+class CompileReport:
+    seconds: dict[str, float] = field(default_factory=dict)
+    artifact_bytes: int = 0
+
+
+def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
+                  progress: Callable[[str], None] = lambda s: None) -> CompileReport:
+    from .codegen.build import build, export
+    from .codegen.targets import resolve_target
+    from .frontend import import_hf
+    from .passes.pipeline import build_pipeline, run_pipeline
+
+    target = resolve_target(config.target, config.arch)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / "manifest.json").exists():
+        raise KilnError(f"{out} exists and is not a kiln artifact; refusing to overwrite it")
+    report = CompileReport()
+    t = time.perf_counter()
+
+    def lap(name):
+        nonlocal t
+        now = time.perf_counter()
+        report.seconds[name] = round(now - t, 3)
+        t = now
+
+    progress("importing the checkpoint")
+    imported = import_hf(model_dir, dtype=config.dtype, context_len=config.context_len)
+    lap("import")
+    progress("running passes")
+    mod = run_pipeline(imported.mod, build_pipeline(target, config.keep_reference), config.dump_ir)
+    lap("passes")
+    progress(f"building for {target.name}{' ' + target.arch if target.arch else ''}")
+    ex = build(mod, target)
+    lap("build")
+
+    progress("writing the artifact")
+    from safetensors.torch import save_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        export(ex, tmp / LIBRARY)
+        save_file(imported.params, str(tmp / PARAMS))
+        for f in imported.tokenizer_files:
+            shutil.copyfile(f, tmp / f.name)
+        write_manifest(tmp, spec=imported.spec, target=target.describe(), param_names=list(imported.params),
+                       options={"dtype": imported.spec.dtype, "context_len": imported.spec.context_len,
+                                "quant": None, "source": Path(model_dir).name},
+                       tvm_versions=installed_tvm_versions())
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    lap("write")
+    report.artifact_bytes = sum(load_artifact(out).file_sizes().values()) + (out / "manifest.json").stat().st_size
+    return report

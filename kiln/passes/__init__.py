@@ -1,0 +1,1 @@
+"""Compiler passes, one per file (``<verb>_<object>.py``); ``pipeline.py`` runs them in order."""

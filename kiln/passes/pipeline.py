@@ -1,0 +1,53 @@
+"""The compile pipeline: IRModule -> IRModule passes, in order, each checked and optionally dumped.
+
+Read top to bottom. Optional passes are chosen here when the pipeline is built, never inside a pass.
+With ``dump_dir`` the module is written after every pass as ``NN-<pass>.py`` (TVMScript).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..ir.tvm import IRModule, relax
+from ..ir.verify import verify_reference, verify_serving
+from .paged_attention import lower_paged_attention
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    run: Callable[[IRModule], IRModule]
+    check: Callable[[IRModule], None] | None = None
+
+
+def build_pipeline(target, keep_reference: bool = False) -> list[Step]:
+    tt = target.tvm_target()
+    return [
+        # Phase 1: the reference form as imported (frontends promise it; check it).
+        Step("verify_reference", lambda m: m, verify_reference),
+        # Phase 2: serving form. Attention becomes paged-KV-cache calls; entry points appear.
+        Step("lower_paged_attention", lambda m: lower_paged_attention(m, tt, keep_reference), verify_serving),
+        # Phase 3: clean-up before codegen takes over (legalization and fusion are the target's).
+        Step("dead_code_elimination", lambda m: relax.transform.DeadCodeElimination(_entries(m))(m), verify_serving),
+    ]
+
+
+def _entries(mod: IRModule) -> list[str]:
+    return [gv.name_hint for gv, f in mod.functions_items()
+            if isinstance(f, relax.Function) and f.attrs is not None and "global_symbol" in f.attrs]
+
+
+def run_pipeline(mod: IRModule, steps: list[Step], dump_dir: Path | None = None) -> IRModule:
+    if dump_dir is not None:
+        dump_dir = Path(dump_dir)
+        dump_dir.mkdir(parents=True, exist_ok=True)
+        (dump_dir / "00-input.py").write_text(mod.script())
+    for i, step in enumerate(steps, start=1):
+        mod = step.run(mod)
+        if step.check is not None:
+            step.check(mod)
+        if dump_dir is not None:
+            (dump_dir / f"{i:02d}-{step.name}.py").write_text(mod.script())
+    return mod

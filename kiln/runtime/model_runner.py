@@ -1,0 +1,121 @@
+"""The model runner: load an artifact's library and weights, execute one forward step on the VM.
+
+No policy here: the caller (kiln/runtime/llm.py now, kiln/scheduler later) decides which sequences
+run and with how many tokens; the runner prepares host inputs (``prepare_step``, pure NumPy and
+CPU-testable), calls the right entry point and returns one row of logits per sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..artifact import Artifact
+from ..errors import ArtifactError, KilnError
+from ..ir.abi import ENTRY_POINTS
+from .kv_cache import KVCacheConfig, TVMPagedKVCache
+from .tvm_runtime import DEVICE_TYPES, global_func, load_runtime
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """Host-side inputs of one forward step over ``b`` sequences."""
+
+    entry: str  # which ABI entry point runs it
+    token_ids: np.ndarray  # [n] int32, the sequences' new tokens concatenated
+    append_lens: list[int]  # [b]
+    logit_positions: np.ndarray  # [b] int32, index in token_ids of each sequence's last token
+
+
+def prepare_step(token_lists: list[list[int]]) -> StepInputs:
+    assert token_lists and all(len(t) > 0 for t in token_lists)
+    lens = [len(t) for t in token_lists]
+    ids = np.fromiter((t for ts in token_lists for t in ts), dtype=np.int32, count=sum(lens))
+    positions = (np.cumsum(lens) - 1).astype(np.int32)
+    if all(n == 1 for n in lens):
+        entry = "decode" if len(lens) == 1 else "batch_decode"
+    else:
+        entry = "prefill" if len(lens) == 1 else "batch_prefill"
+    return StepInputs(entry, ids, lens, positions)
+
+
+class ModelRunner:
+    def __init__(self, artifact: Artifact, device: str | None = None, kv_config: KVCacheConfig | None = None):
+        device = device or artifact.target["device"]
+        if device != artifact.target["device"]:
+            raise ArtifactError(f"{artifact.path} was compiled for {artifact.target['device']}, not {device}")
+        self.artifact, self.spec, self.device = artifact, artifact.spec, device
+        ffi = load_runtime(device)
+        self._ffi = ffi
+        lib = ffi.load_module(str(artifact.library))
+        self.vm = lib["vm_load_executable"]()
+        if device == "cuda":
+            self.vm["vm_initialization"](DEVICE_TYPES["cuda"], 0, 2, DEVICE_TYPES["cpu"], 0, 2)
+        else:
+            self.vm["vm_initialization"](DEVICE_TYPES["cpu"], 0, 2)
+        self.fns = {}
+        for name in ENTRY_POINTS:
+            try:
+                self.fns[name] = self.vm[name]
+            except Exception:  # tvm_ffi raises AttributeError/RuntimeError for a missing function
+                raise ArtifactError(f"{artifact.path}: the library has no entry point {name!r}") from None
+        self._reshape = global_func("vm.builtin.reshape")
+        self.params = self._load_params()
+        cfg = kv_config or KVCacheConfig.for_model(self.spec.context_len, self.spec.kv_bytes_per_token)
+        if cfg.prefill_chunk_size > cfg.max_total_tokens:
+            raise KilnError("prefill_chunk_size must not exceed the KV cache's max_total_tokens")
+        self.kv = TVMPagedKVCache(self.vm, cfg)
+
+    def _load_params(self) -> list:
+        import torch
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(self.artifact.params_file))
+        names = self.artifact.param_names
+        missing = [n for n in names if n not in tensors]
+        if missing:
+            raise ArtifactError(f"{self.artifact.params_file} lacks {', '.join(missing[:5])}")
+        self._keep = [tensors[n].to("cuda") if self.device == "cuda" else tensors[n] for n in names]
+        del torch
+        return [self._ffi.from_dlpack(t) for t in self._keep]
+
+    def _to_device(self, a: np.ndarray):
+        a = np.ascontiguousarray(a)
+        if self.device == "cuda":
+            import torch
+
+            t = torch.from_numpy(a).to("cuda")
+            self._inflight = t  # keep alive until the call returns
+            return self._ffi.from_dlpack(t)
+        return self._ffi.from_dlpack(a)
+
+    def _to_host(self, t) -> np.ndarray:
+        if self.device == "cuda":
+            import torch
+
+            return torch.from_dlpack(t).cpu().numpy()
+        return np.from_dlpack(t).copy()
+
+    def forward(self, seq_ids: list[int], token_lists: list[list[int]]) -> np.ndarray:
+        """Append ``token_lists[i]`` to sequence ``seq_ids[i]``; return logits [b, V] float32 of each last token."""
+        step = prepare_step(token_lists)
+        n, b, H = len(step.token_ids), len(seq_ids), self.spec.hidden_size
+        if n > self.kv.config.prefill_chunk_size:
+            raise KilnError(f"a step of {n} tokens exceeds prefill_chunk_size={self.kv.config.prefill_chunk_size}")
+        S = self._ffi.Shape
+        ids = self._to_device(step.token_ids)
+        embeds = self.fns["embed"](ids, self.params)  # [n, H]
+        self.kv.begin_forward(seq_ids, step.append_lens)
+        try:
+            if step.entry == "batch_decode":
+                out = self.fns["batch_decode"](self._reshape(embeds, S([b, 1, H])), self.kv.handle, self.params)
+            elif step.entry == "batch_prefill":
+                pos = self._to_device(step.logit_positions)
+                out = self.fns["batch_prefill"](self._reshape(embeds, S([1, n, H])), pos, self.kv.handle, self.params)
+            else:
+                out = self.fns[step.entry](self._reshape(embeds, S([1, n, H])), self.kv.handle, self.params)
+        finally:
+            self.kv.end_forward()
+        logits = self._to_host(out[0])
+        return logits.reshape(b, -1)
