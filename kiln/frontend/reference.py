@@ -62,7 +62,7 @@ def build_reference(spec: ModelSpec) -> IRModule:
             def norm(x, weight):
                 return bb.emit(relax.op.nn.rms_norm(x, w[weight], axes=[-1], epsilon=eps))
 
-            x = bb.emit(relax.op.take(w["embed_tokens"], ids, axis=0))  # [n, H]
+            x = bb.emit(relax.op.take(w["embed_tokens"], ids, axis=0, mode="clip"))  # [n, H]
             for i in range(spec.num_layers):
                 p = f"layers.{i}."
                 h = norm(x, p + "input_norm")

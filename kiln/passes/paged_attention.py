@@ -278,7 +278,7 @@ def _embed_function(cl: _Cloner, an: _Analysis) -> None:
     with bb.function("embed", [ids, packed], attrs={"num_input": ENTRY_POINTS["embed"].num_input}):
         with bb.dataflow():
             w = bb.emit(relax.TupleGetItem(packed, idx))
-            out = bb.emit_output(relax.op.take(w, ids, axis=0))
+            out = bb.emit_output(relax.op.take(w, ids, axis=0, mode=str(an.embed.value.attrs.mode)))
         bb.emit_func_output(out)
 
 

@@ -61,6 +61,7 @@ class ModelRunner:
             except Exception:  # tvm_ffi raises AttributeError/RuntimeError for a missing function
                 raise ArtifactError(f"{artifact.path}: the library has no entry point {name!r}") from None
         self._reshape = global_func("vm.builtin.reshape")
+        self._inflight: list = []
         self.params = self._load_params()
         cfg = kv_config or KVCacheConfig.for_model(self.spec.context_len, self.spec.kv_bytes_per_token)
         if cfg.prefill_chunk_size > cfg.max_total_tokens:
@@ -76,19 +77,19 @@ class ModelRunner:
         missing = [n for n in names if n not in tensors]
         if missing:
             raise ArtifactError(f"{self.artifact.params_file} lacks {', '.join(missing[:5])}")
-        self._keep = [tensors[n].to("cuda") if self.device == "cuda" else tensors[n] for n in names]
-        del torch
+        # TVM's kernels assume 64-byte aligned buffers; tensors sliced out of a safetensors file are not.
+        # A fresh torch allocation is (c10 aligns CPU memory to 64 bytes).
+        self._keep = [tensors[n].to("cuda") if self.device == "cuda" else torch.empty_like(tensors[n]).copy_(tensors[n])
+                      for n in names]
         return [self._ffi.from_dlpack(t) for t in self._keep]
 
     def _to_device(self, a: np.ndarray):
-        a = np.ascontiguousarray(a)
-        if self.device == "cuda":
-            import torch
+        import torch
 
-            t = torch.from_numpy(a).to("cuda")
-            self._inflight = t  # keep alive until the call returns
-            return self._ffi.from_dlpack(t)
-        return self._ffi.from_dlpack(a)
+        # torch allocations are 64-byte aligned, as TVM's kernels assume (NumPy only guarantees 16).
+        t = torch.from_numpy(np.ascontiguousarray(a)).to("cuda" if self.device == "cuda" else "cpu", copy=True)
+        self._inflight.append(t)  # kept alive until the step's call returns
+        return self._ffi.from_dlpack(t)
 
     def _to_host(self, t) -> np.ndarray:
         if self.device == "cuda":
@@ -104,6 +105,7 @@ class ModelRunner:
         if n > self.kv.config.prefill_chunk_size:
             raise KilnError(f"a step of {n} tokens exceeds prefill_chunk_size={self.kv.config.prefill_chunk_size}")
         S = self._ffi.Shape
+        self._inflight = []
         ids = self._to_device(step.token_ids)
         embeds = self.fns["embed"](ids, self.params)  # [n, H]
         self.kv.begin_forward(seq_ids, step.append_lens)

@@ -1,0 +1,136 @@
+"""Shared fixtures: tiny random-weight Hugging Face models of every supported architecture, saved with
+``save_pretrained`` and a small tokenizer, and their kiln artifacts — each built once per session.
+
+Tiers (pytest markers): unit (no marker: pure Python/NumPy), ``cpu`` (compiles/runs on the CPU
+target), ``cuda_compile`` (needs nvcc, no GPU), ``gpu`` (needs a GPU; skipped without one).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_MODEL = ROOT / "models" / "kiln-demo"
+VOCAB = 320
+
+# variant -> (transformers config class name, config overrides, save options)
+MODELS: dict[str, tuple[str, dict, dict]] = {
+    # GQA, untied lm_head, default RoPE
+    "llama": ("LlamaConfig", {}, {}),
+    # tied embeddings + llama3 RoPE scaling; checkpoint stored in bfloat16 and sharded
+    "llama3-tied": ("LlamaConfig", {"tie_word_embeddings": True, "rope_theta": 500000.0,
+                                    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0,
+                                                     "original_max_position_embeddings": 64}},
+                    {"dtype": "bfloat16", "max_shard_size": "100KB"}),
+    # linear RoPE scaling, multi-head (no GQA), checkpoint in float16
+    "llama-linear": ("LlamaConfig", {"num_key_value_heads": 4, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+                     {"dtype": "float16"}),
+    # Mistral with a sliding window longer than the compiled context (so it never applies)
+    "mistral": ("MistralConfig", {"sliding_window": 4096, "head_dim": 16}, {}),
+    # attention bias, tied embeddings
+    "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}, {}),
+    # q/k norm, head_dim different from hidden/heads
+    "qwen3": ("Qwen3Config", {"head_dim": 32}, {}),
+}
+
+BASE_CONFIG = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def pytest_configure(config):
+    os.environ.setdefault("KILN_CACHE", str(ROOT / "build" / "cache"))
+
+
+def save_tokenizer(path: Path, vocab: int = VOCAB) -> None:
+    """A small word-level tokenizer ("w0".."wN" plus specials) in the fast-tokenizer layout."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    fast.save_pretrained(path)
+
+
+def make_hf_model(variant: str, path: Path, seed: int = 0):
+    """Create, save and return (eval mode, float32) a random-weight transformers model."""
+    import torch
+    import transformers
+
+    cls_name, overrides, save = MODELS[variant]
+    cfg = getattr(transformers, cls_name)(**{**BASE_CONFIG, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # larger weights than HF's init so attention patterns and logits are not flat
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.15)
+    dtype = save.get("dtype")
+    if dtype:
+        model = model.to(getattr(torch, dtype))
+    model.save_pretrained(path, max_shard_size=save.get("max_shard_size", "10GB"))
+    save_tokenizer(path)
+    if dtype:  # the float32 reference: stored weights upcast, RoPE buffers recomputed in float32
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("kiln")
+
+
+class _Zoo:
+    """Session cache of HF models and their compiled CPU artifacts."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._hf: dict = {}
+        self._art: dict = {}
+
+    def hf(self, variant: str):
+        """(model_dir, transformers model in float32)"""
+        if variant not in self._hf:
+            d = self.root / f"hf-{variant}"
+            self._hf[variant] = (d, make_hf_model(variant, d))
+        return self._hf[variant]
+
+    def artifact(self, variant: str, **options) -> Path:
+        """Compile ``variant`` (an HF variant name, or "demo" for the bundled model) for the CPU."""
+        from kiln.compiler import CompileConfig, compile_model
+
+        key = (variant, tuple(sorted(options.items())))
+        if key not in self._art:
+            src = DEMO_MODEL if variant == "demo" else self.hf(variant)[0]
+            out = self.root / f"art-{variant}-{len(self._art)}"
+            compile_model(src, out, CompileConfig(**options))
+            self._art[key] = out
+        return self._art[key]
+
+
+@pytest.fixture(scope="session")
+def zoo(workdir) -> _Zoo:
+    return _Zoo(workdir)
+
+
+@pytest.fixture
+def fresh_copy(tmp_path):
+    """Copy a directory into this test's tmp dir (for tests that modify an artifact)."""
+
+    def copy(src: Path) -> Path:
+        dst = tmp_path / src.name
+        shutil.copytree(src, dst)
+        return dst
+
+    return copy
