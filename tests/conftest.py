@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO_MODEL = ROOT / "models" / "kiln-demo"
+DEMO_MODEL = Path(os.environ.get("KILN_DEMO_MODEL", ROOT / "models" / "kiln-demo"))
 VOCAB = 320
 
 # variant -> (transformers config class name, config overrides, save options)
