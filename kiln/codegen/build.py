@@ -20,6 +20,7 @@ def _cuda_pipeline(target):
     @tvm.transform.module_pass(opt_level=0, name="kiln.CUDAPipeline")
     def pipeline(mod, _ctx):
         seq = tvm.transform.Sequential([
+            relax.transform.FuseTransposeMatmul(),  # matmul(x, permute_dims(W)) without materialising W^T
             relax.backend.DispatchSampling(), relax.backend.DispatchSortScan(),
             relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),
@@ -39,6 +40,22 @@ def _cuda_pipeline(target):
     return pipeline
 
 
+def _cpu_pipeline(target):
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    @tvm.transform.module_pass(opt_level=0, name="kiln.CPUPipeline")
+    def pipeline(mod, _ctx):
+        # HF weights are [out, in]; without this fusion every step would copy each weight transposed
+        # (measured: 3x slower batch-1 decode on the demo model).
+        seq = tvm.transform.Sequential(
+            [relax.transform.FuseTransposeMatmul()] + cpu.library_dispatch_passes(target)
+            + cpu.legalize_passes(target) + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
+        with target:
+            return seq(mod)
+
+    return pipeline
+
+
 def build(mod, target: TargetSpec):
     """Compile a serving-form IRModule; returns TVM's executable."""
     tt = target.tvm_target()
@@ -50,7 +67,7 @@ def build(mod, target: TargetSpec):
                               "machine code; install a C compiler (for the stub driver) or a CUDA driver")
         with tt:
             return tvm.compile(mod, target=tt, relax_pipeline=_cuda_pipeline(tt))
-    return tvm.compile(mod, target=tt, relax_pipeline=relax.backend.cpu_generic.get_default_pipeline(tt))
+    return tvm.compile(mod, target=tt, relax_pipeline=_cpu_pipeline(tt))
 
 
 def export(executable, path: Path) -> None:
