@@ -31,15 +31,21 @@ class CompileReport:
 
 def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
                   progress: Callable[[str], None] = lambda s: None) -> CompileReport:
-    from .codegen.build import build, export
     from .codegen.targets import resolve_target
+    from .frontend.hf import load_spec, tokenizer_files
+
+    # Check what the user gave before importing the TVM compiler (seconds): bad input fails fast.
+    target = resolve_target(config.target, config.arch)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").exists())):
+        raise KilnError(f"{out} exists and is not a kiln artifact; refusing to overwrite it")
+    load_spec(Path(model_dir), dtype=config.dtype, context_len=config.context_len)
+    tokenizer_files(Path(model_dir))
+
+    from .codegen.build import build, export
     from .frontend import import_hf
     from .passes.pipeline import build_pipeline, run_pipeline
 
-    target = resolve_target(config.target, config.arch)
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / "manifest.json").exists():
-        raise KilnError(f"{out} exists and is not a kiln artifact; refusing to overwrite it")
     report = CompileReport()
     t = time.perf_counter()
 

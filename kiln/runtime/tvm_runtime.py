@@ -41,7 +41,11 @@ def load_runtime(device: str = "cpu"):
 
     ctypes.CDLL(str(_find("libtvm_runtime.so")), mode=ctypes.RTLD_GLOBAL)
     if device == "cuda":
-        ctypes.CDLL(str(_find("libtvm_runtime_cuda.so")), mode=ctypes.RTLD_GLOBAL)
+        try:
+            ctypes.CDLL(str(_find("libtvm_runtime_cuda.so")), mode=ctypes.RTLD_GLOBAL)
+        except OSError as e:
+            raise ArtifactError(f"this artifact runs on a CUDA GPU, but TVM's CUDA runtime cannot load here ({e})") \
+                from None
     return tvm_ffi
 
 
