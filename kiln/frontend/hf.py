@@ -23,11 +23,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not valid: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def architecture_of(config: dict[str, Any]) -> Architecture:
@@ -63,6 +66,11 @@ def _sliding_window(config: dict[str, Any]) -> int | None:
     if config.get("use_sliding_window") is False:
         return None
     layer_types = config.get("layer_types")
+    if layer_types is None and config.get("sliding_window") is not None and "max_window_layers" in config:
+        # Qwen2/Qwen3 configs older than transformers 5 have no layer_types: layers from max_window_layers on slide.
+        first = int(config["max_window_layers"])
+        layer_types = ["sliding_attention" if i >= first else "full_attention"
+                       for i in range(int(config["num_hidden_layers"]))]
     if layer_types is not None:
         sliding = [t == "sliding_attention" for t in layer_types]
         if not any(sliding):

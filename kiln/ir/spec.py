@@ -78,9 +78,13 @@ class ModelSpec:
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
-        assert self.dtype in DTYPES, self.dtype
-        assert self.num_q_heads % self.num_kv_heads == 0, "GQA needs num_q_heads % num_kv_heads == 0"
-        assert self.head_dim % 2 == 0 and self.num_layers > 0 and self.context_len > 0
+        assert self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}"
+        assert self.num_kv_heads > 0 and self.num_q_heads % self.num_kv_heads == 0, \
+            f"num_attention_heads ({self.num_q_heads}) must be a multiple of num_key_value_heads ({self.num_kv_heads})"
+        assert self.head_dim > 0 and self.head_dim % 2 == 0, f"head_dim must be positive and even, got {self.head_dim}"
+        assert self.num_layers > 0, f"num_hidden_layers must be positive, got {self.num_layers}"
+        assert self.context_len > 0, f"the context length must be positive, got {self.context_len}"
+        assert min(self.vocab_size, self.hidden_size, self.intermediate_size) > 0, "sizes must be positive"
 
     @property
     def num_groups(self) -> int:

@@ -48,12 +48,16 @@ class ModelRunner:
         self.artifact, self.spec, self.device = artifact, artifact.spec, device
         ffi = load_runtime(device)
         self._ffi = ffi
-        lib = ffi.load_module(str(artifact.library))
-        self.vm = lib["vm_load_executable"]()
-        if device == "cuda":
-            self.vm["vm_initialization"](DEVICE_TYPES["cuda"], 0, 2, DEVICE_TYPES["cpu"], 0, 2)
-        else:
-            self.vm["vm_initialization"](DEVICE_TYPES["cpu"], 0, 2)
+        try:
+            lib = ffi.load_module(str(artifact.library))
+            self.vm = lib["vm_load_executable"]()
+            if device == "cuda":  # (device type, id, pooled allocator) per device; the host comes last
+                self.vm["vm_initialization"](DEVICE_TYPES["cuda"], 0, 2, DEVICE_TYPES["cpu"], 0, 2)
+            else:
+                self.vm["vm_initialization"](DEVICE_TYPES["cpu"], 0, 2)
+        except Exception as e:  # tvm_ffi surfaces loader and driver failures as generic errors
+            raise ArtifactError(f"cannot load {artifact.library} on {device}: {str(e).strip().splitlines()[-1]}") \
+                from None
         self.fns = {}
         for name in ENTRY_POINTS:
             try:
