@@ -87,6 +87,21 @@ from tvm.target import Target  # noqa: E402
 TVM_VERSION = tvm.__version__
 
 
+def _register_kiln_errors() -> None:
+    """Let kiln's errors cross TVM's FFI with their type: a PassError raised inside a module pass
+    (called through C++) would otherwise come back to the caller as a plain RuntimeError."""
+    import tvm_ffi
+
+    from .. import errors
+
+    for cls in vars(errors).values():
+        if isinstance(cls, type) and issubclass(cls, errors.KilnError):
+            tvm_ffi.register_error(cls.__name__, cls)
+
+
+_register_kiln_errors()
+
+
 def cuda_runtime_loaded() -> bool:
     """True when TVM's CUDA runtime loaded, so CUDA builds embed machine code, not source."""
     from tvm import base

@@ -19,9 +19,10 @@ agree on head counts, head_dim and RoPE (one cache holds every layer).
 
 Rejected, with a PassError naming what did not match: no ``forward``; a ``forward`` with no
 attention composite; layer ids that are not exactly 0..L-1; composites that disagree on heads,
-head_dim or RoPE; non-causal attention; a sliding window (lands with the MixAttention work: TVM's
-cache evicts by page, which equals a dense window mask only under chunking rules kiln does not
-enforce yet); RoPE other than rotate-half; input ids used by anything but one embedding take.
+head_dim or RoPE; head attributes that contradict the q/k/v shapes of the call; non-causal
+attention; a sliding window (lands with the MixAttention work: TVM's cache evicts by page, which
+equals a dense window mask only under chunking rules kiln does not enforce yet); RoPE other than
+rotate-half; input ids used by anything but one embedding take.
 
 Invariant: for every sequence, the logits of ``prefill``/``decode`` (and of the batched entries,
 row for row) equal ``forward``'s logits at the same positions, within float rounding; after the
@@ -128,6 +129,7 @@ class _Analysis:
                 found.append(_Attention(b.var, int(_attr(fn, "kiln.layer_id")), int(_attr(fn, "kiln.num_q_heads")),
                                         int(_attr(fn, "kiln.num_kv_heads")), int(_attr(fn, "kiln.head_dim")),
                                         float(_attr(fn, "kiln.sm_scale"))))
+                self._check_operands(v, found[-1])
                 self.rope_fn = fn
         if not found:
             raise PassError("paged_attention: forward calls no kiln attention composite (kiln.op='attention'); "
@@ -147,6 +149,22 @@ class _Analysis:
             if any(str(fa[k]) != str(fb[k]) for k in rope_keys):
                 raise PassError(f"paged_attention: layer {a.layer_id} uses different RoPE parameters than layer 0")
         return found
+
+    @staticmethod
+    def _check_operands(call: relax.Call, a: _Attention) -> None:
+        """q must be [s, num_q_heads, head_dim] and k, v [s, num_kv_heads, head_dim]: the cache is sized
+        from the attributes, the fused qkv from the operands."""
+        want = ((a.num_q_heads, a.head_dim), (a.num_kv_heads, a.head_dim), (a.num_kv_heads, a.head_dim))
+        ok = len(call.args) == 3
+        for arg, (h, d) in zip(call.args, want):
+            shape = arg.ty.shape if isinstance(arg.ty, relax.TensorType) else None
+            ok = ok and shape is not None and len(shape) == 3 and \
+                [int(x) if isinstance(x, tirx.IntImm) else None for x in (shape[1], shape[2])] == [h, d]
+        if not ok:
+            got = ", ".join(str(getattr(x.ty, "shape", x.ty)) for x in call.args)
+            raise PassError(f"paged_attention: {call.op.name_hint} is called with q, k, v of shapes ({got}) but its "
+                            f"attributes say [s, {a.num_q_heads}, {a.head_dim}], [s, {a.num_kv_heads}, {a.head_dim}] "
+                            "for q and k/v")
 
     def _find_gather_point(self) -> relax.Var:
         """The earliest var of the token-wise tail ``out = f_k(...f_1(x))``: logits rows depend on x rows only."""
