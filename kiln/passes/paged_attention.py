@@ -216,7 +216,7 @@ class _Cloner(PyExprMutator):
             self.set_var_remap(b.var, new)
 
 
-def _serving_function(cl: _Cloner, an: _Analysis, name: str, kv_out_ty) -> None:
+def _serving_function(cl: _Cloner, an: _Analysis, name: str) -> None:
     entry = ENTRY_POINTS[name]
     H, V_shape = an.hidden, an.ref.ret_ty.shape
     vocab = V_shape[1]
@@ -228,7 +228,6 @@ def _serving_function(cl: _Cloner, an: _Analysis, name: str, kv_out_ty) -> None:
         n = tirx.Var("seq_len", "int64")
     f = an.ref.bind_symbolic_vars({an.seq_var: n})
     bindings = [b for blk in f.body.blocks for b in blk.bindings]
-    value_of = {b.var: b.value for b in bindings}
     # Re-locate the special bindings in the copy by position (bind_symbolic_vars rebuilds vars).
     index = {b.var: i for i, b in enumerate(an.bindings)}
     embed_var = bindings[index[an.embed.var]].var
@@ -284,7 +283,6 @@ def _serving_function(cl: _Cloner, an: _Analysis, name: str, kv_out_ty) -> None:
             logits = bb.emit(relax.op.reshape(logits, rows), name_hint="logits")
             out = bb.emit_output(relax.Tuple([logits, kv]))
         bb.emit_func_output(out)
-    del value_of
 
 
 def _embed_function(cl: _Cloner, an: _Analysis) -> None:
@@ -333,7 +331,7 @@ class LowerPagedAttention:
         cl = _Cloner(mod)
         _embed_function(cl, an)
         for name in ("prefill", "decode", "batch_prefill", "batch_decode"):
-            _serving_function(cl, an, name, None)
+            _serving_function(cl, an, name)
         _create_kv_function(cl, an, self.target)
         out = cl.bb.get()
         if not self.keep_reference:
