@@ -1,0 +1,197 @@
+"""CPU schedule for the linear layers: ``C[m, n] = sum_k A[m, k] * W[n, k]`` (+ an elementwise epilogue).
+
+After legalization and fusion every linear of the model is an unscheduled TE loop nest (``NT_matmul*``,
+``fused_NT_matmul*_add``, ``fused_NT_matmul*_silu*_multiply*``): scalar, single-threaded, and each output
+row reads all of W again. ``ScheduleCPUMatmul`` rewrites exactly those PrimFuncs:
+
+* columns are split into tiles of ``NJ`` rows of W, and the tiles run in parallel (TVM's thread pool);
+* inside a tile, the rows of A (``m``, which may be symbolic: batch size or sequence length) loop over
+  the same ``NJ x k`` block of W, which stays in cache;
+* the reduction is split ``k = ko * vk + kv`` and rfactor'd on ``kv``: the ``NJ x vk`` partial sums are
+  accumulated with ``kv`` vectorized (``k`` is contiguous in both A and W), then summed per output.
+  ``vk`` is the target's fp32 vector width: 4 for kiln's plain ``llvm`` target (LLVM's generic x86-64,
+  i.e. SSE2), 8 / 16 when the target enables AVX / AVX-512;
+* an elementwise epilogue (bias add, residual add, SiLU * up) is inlined into one block computed right
+  after each output element, so the ``[m, n]`` intermediate is never materialised.
+
+Anything else (attention kernels, norms, RoPE, KV-cache copies, or a matmul in a shape the rule does
+not expect) passes through untouched: the rule matches the matmul block structurally and gives up on
+the whole function (keeping the original) if any schedule step is refused.
+"""
+
+from __future__ import annotations
+
+from ..ir.tvm import tirx, tvm
+
+NJ = 8  # output columns (rows of W) per tile; each has its own vector accumulator
+
+
+def _as_int(e):
+    return int(e) if isinstance(e, tirx.IntImm) else None
+
+
+def _load(e):
+    """(buffer, indices) of a buffer load, else None (TVM 0.27: a ``TensorLoad`` whose ``source`` is the buffer)."""
+    if isinstance(e, tvm.ir.expr.TensorLoad):
+        return e.source, list(e.indices)
+    return None
+
+
+def _same(xs, ys) -> bool:
+    return len(xs) == len(ys) and all(x.same_as(y) for x, y in zip(xs, ys))
+
+
+def _match_nt_matmul(block):
+    """True if ``block`` is ``C[i, j] = 0; C[i, j] += A[i, k] * W[j, k]`` in float32 (A, W, C distinct)."""
+    iv = block.iter_vars
+    if len(iv) != 3 or [int(v.iter_type) for v in iv] != [tirx.IterVar.DataPar, tirx.IterVar.DataPar,
+                                                            tirx.IterVar.CommReduce]:
+        return False
+    vi, vj, vk = (v.var for v in iv)
+    body, init = block.body, block.init
+    if not isinstance(body, tirx.BufferStore) or not isinstance(init, tirx.BufferStore):
+        return False
+    c, out_idx = body.buffer, list(body.indices)
+    if not _same(out_idx, [vi, vj]):
+        return False
+    if not (init.buffer.same_as(c) and _same(list(init.indices), out_idx)
+            and isinstance(init.value, tirx.FloatImm) and init.value.value == 0.0):
+        return False
+    if not isinstance(body.value, tirx.Add) or not isinstance(body.value.b, tirx.Mul):
+        return False
+    acc, mul = _load(body.value.a), body.value.b
+    if acc is None or not acc[0].same_as(c) or not _same(acc[1], out_idx):
+        return False
+    a, w = _load(mul.a), _load(mul.b)
+    if a is None or w is None:
+        return False
+    if _same(a[1], [vj, vk]):
+        a, w = w, a
+    if not (_same(a[1], [vi, vk]) and _same(w[1], [vj, vk])):
+        return False
+    if a[0].same_as(c) or w[0].same_as(c):
+        return False
+    return all(x.dtype == "float32" for x in (c, a[0], w[0]))
+
+
+def _first_nest(func: tirx.PrimFunc):
+    """(loops, realize) of the first statement under the root block when it is a perfect loop nest
+    around one block; else None."""
+    stmt = func.body.block.body
+    if isinstance(stmt, tirx.SeqStmt):
+        stmt = stmt.seq[0]
+    loops = []
+    while isinstance(stmt, tirx.For):
+        loops.append(stmt)
+        stmt = stmt.body
+    if not isinstance(stmt, tvm.s_tir.SBlockRealize):
+        return None
+    return loops, stmt
+
+
+def _largest_divisor(n: int, cap: int) -> int:
+    d = cap
+    while d > 1 and n % d:
+        d //= 2
+    return d
+
+
+def _schedule(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:
+    if not _has_root(func):
+        return None
+    sch = tvm.s_tir.Schedule(func)
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    if not blocks or not _match_nt_matmul(sch.get(blocks[0])):
+        return None
+    mm, epilogue = blocks[0], list(blocks[1:])
+    for b in epilogue:  # the rest must be elementwise over [m, n]: bias, residual, activation
+        block = sch.get(b)
+        if len(block.iter_vars) != 2 or any(int(v.iter_type) != tirx.IterVar.DataPar for v in block.iter_vars):
+            return None
+
+    # The matmul must sit alone in a perfect nest i, j, k bound 1:1 to its iter vars (T.axis.remap("SSR")).
+    loops = sch.get_loops(mm)
+    nest = _first_nest(func)
+    if len(loops) != 3 or nest is None or not nest[1].block.same_as(sch.get(mm)):
+        return None
+    loop_vars = [lp.loop_var for lp in nest[0]]
+    if (not _same(list(nest[1].iter_values), loop_vars) or not _is_true(nest[1].predicate)
+            or any(int(lp.kind) != 0 or not _is_zero(lp.min) for lp in nest[0])):
+        return None
+    n, kk = _as_int(sch.get(loops[1]).extent), _as_int(sch.get(loops[2]).extent)
+    if n is None or kk is None:
+        return None
+    vk, nj = _largest_divisor(kk, lanes), _largest_divisor(n, NJ)
+    if vk < 4:
+        return None
+
+    # Epilogue: inline every block but the last into its consumer; the last one runs right after the
+    # write-back of each tile, so the [m, n] matmul result is never materialised.
+    for b in epilogue[:-1]:
+        sch.compute_inline(b)
+
+    i, j, k = loops
+    ko, kv = sch.split(k, [None, vk])
+    jo, ji = sch.split(j, [None, nj])
+    sch.reorder(jo, i, ko, ji, kv)
+    rf = sch.rfactor(kv, factor_axis=2)  # C_rf[i, j, kv] += A[i, ko*vk + kv] * W[j, ko*vk + kv]
+    jo, i, ko, ji, kv = sch.get_loops(rf)  # rfactor leaves the write-back block on copies of the loops
+    sch.reverse_compute_at(mm, i)  # C[i, j] = sum_kv C_rf[i, j, kv], per row of the tile
+    if epilogue:
+        sch.reverse_compute_at(epilogue[-1], i)
+    sch.vectorize(kv)
+    sch.unroll(ji)  # nj independent accumulators share each load of A
+    sch.parallel(jo)
+    sch.decompose_reduction(rf, ko)
+    return sch.mod["main"]
+
+
+def _is_zero(e) -> bool:
+    return isinstance(e, tirx.IntImm) and int(e.value) == 0
+
+
+def _is_true(e) -> bool:
+    return isinstance(e, tirx.IntImm) and int(e.value) == 1
+
+
+def _has_root(func) -> bool:
+    body = func.body
+    return isinstance(body, tvm.s_tir.SBlockRealize) and body.block.name_hint == "root"
+
+
+def vector_lanes(target) -> int:
+    """fp32 lanes of the target's widest vector unit (4 for a plain ``llvm`` target: SSE2)."""
+    from tvm.target import codegen
+
+    if target is None or target.kind.name != "llvm":
+        return 4
+    if codegen.llvm_cpu_has_features("avx512f", target):
+        return 16
+    if codegen.llvm_cpu_has_features("avx", target):
+        return 8
+    return 4
+
+
+def schedule_func(func: tirx.PrimFunc, lanes: int = 4) -> tirx.PrimFunc | None:
+    """The scheduled function, or None when ``func`` is not a linear the rule handles."""
+    try:
+        return _schedule(func, lanes)
+    except (RuntimeError, ValueError, TypeError):  # tvm.s_tir.ScheduleError is a RuntimeError
+        return None
+
+
+@tvm.transform.module_pass(opt_level=0, name="kiln.ScheduleCPUMatmul")
+def ScheduleCPUMatmul(mod, _ctx):  # noqa: N802 (a pass, named like TVM's)
+    lanes = vector_lanes(tvm.target.Target.current(allow_none=True))
+    updated = {}
+    for gv, func in mod.functions_items():
+        if isinstance(func, tirx.PrimFunc) and not (func.attrs or {}).get("tirx.is_scheduled", False):
+            new = schedule_func(func, lanes)
+            if new is not None:
+                updated[gv] = new.with_attr("tirx.is_scheduled", True)
+    if not updated:
+        return mod
+    mod = mod.clone()  # never mutate the caller's module in place
+    for gv, func in updated.items():
+        mod[gv] = func
+    return mod
