@@ -47,6 +47,19 @@ def pytest_configure(config):
     os.environ.setdefault("KILN_CACHE", str(ROOT / "build" / "cache"))
 
 
+def _has_gpu() -> bool:
+    return Path("/dev/nvidia0").exists() or shutil.which("nvidia-smi") is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU; this machine has none")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
 def save_tokenizer(path: Path, vocab: int = VOCAB) -> None:
     """A small word-level tokenizer ("w0".."wN" plus specials) in the fast-tokenizer layout."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
