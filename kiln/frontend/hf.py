@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +193,10 @@ def load_weights(model_dir: Path, spec: ModelSpec, names: dict[str, tuple[int, .
         by_file.setdefault(files[hf], []).append(kname)
     dt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[spec.dtype]
     out = {}
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(want), desc="loading weights", unit="tensor", leave=False,
+               disable=not sys.stderr.isatty() or len(want) < 64)
     for path, knames in by_file.items():
         if not path.exists():
             raise CheckpointError(f"weight shard {path.name} listed in the index is missing from {model_dir}")
@@ -203,10 +208,12 @@ def load_weights(model_dir: Path, spec: ModelSpec, names: dict[str, tuple[int, .
                         raise CheckpointError(f"{want[kname]} in {path.name} has shape {tuple(t.shape)}, "
                                               f"config.json implies {tuple(names[kname])}")
                     out[kname] = t.to(dt).contiguous()
+                    bar.update()
         except CheckpointError:
             raise
         except Exception as e:
             raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+    bar.close()
     return out
 
 
