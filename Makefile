@@ -22,7 +22,7 @@ $(DEMO_ARTIFACT)/manifest.json: $(STAMP) models/kiln-demo/model.safetensors
 	$(BIN)/kiln compile models/kiln-demo -o $(DEMO_ARTIFACT)
 
 demo: $(DEMO_ARTIFACT)/manifest.json
-	$(BIN)/kiln generate $(DEMO_ARTIFACT) --prompt "$(PROMPT)" --max-tokens 96 --temperature 0.7 --top-p 0.95 --seed 0
+	$(BIN)/kiln generate $(DEMO_ARTIFACT) --prompt "$(PROMPT)" --max-tokens 96 --temperature 0.7 --top-p 0.95 --seed 1
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -rs
