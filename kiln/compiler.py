@@ -79,6 +79,9 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
                        options={"dtype": imported.spec.dtype, "context_len": imported.spec.context_len,
                                 "quant": None, "source": Path(model_dir).name},
                        tvm_versions=installed_tvm_versions())
+        for f in tmp.iterdir():
+            f.chmod(0o644 if f.suffix != ".so" else 0o755)
+        tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be copied and shared
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
