@@ -55,7 +55,9 @@ def main():
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="artifact directory")
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--arch", default=None, help="CUDA arch (sm_80, sm_86, sm_89, sm_90, sm_90a); default sm_90")
+@click.option("--arch", default=None,
+              help="cuda: sm_80, sm_86, sm_89, sm_90 (default), sm_90a; cpu: x86-64 (default, any x86-64 CPU), "
+                   "x86-64-v3 (AVX2), x86-64-v4 (AVX-512)")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="weights and activations; default: the checkpoint's")
 @click.option("--context-len", type=click.IntRange(min=16), default=None,

@@ -1,7 +1,10 @@
 """Targets are data: a name, a TVM target description and the Relax pipeline that lowers to it.
 
-``cpu`` is LLVM for the host; ``cuda`` takes an arch (sm_80, sm_86, sm_89, sm_90, sm_90a). Adding a
-GPU is adding an entry to CUDA_ARCHS (plus schedules), never touching the passes.
+``cpu`` is LLVM for x86-64: by default the baseline ISA (SSE2), so the artifact runs on any x86-64
+machine; ``--arch x86-64-v3`` (AVX2, FMA) or ``x86-64-v4`` (AVX-512) trade that portability for
+wider vectors, and the runtime refuses such an artifact on a CPU without those features. ``cuda``
+takes an arch (sm_80, sm_86, sm_89, sm_90, sm_90a). Adding a GPU is adding an entry to CUDA_ARCHS
+(plus schedules), never touching the passes.
 """
 
 from __future__ import annotations
@@ -31,22 +34,43 @@ CUDA_ARCHS: dict[str, CudaArch] = {
 
 
 @dataclass(frozen=True)
+class CpuArch:
+    arch: str  # an x86-64 micro-architecture level, as LLVM's -mcpu names it
+    cpu_flags: tuple[str, ...]  # /proc/cpuinfo flags the generated code needs
+
+
+CPU_ARCHS: dict[str, CpuArch] = {
+    a.arch: a
+    for a in (
+        CpuArch("x86-64", ()),
+        CpuArch("x86-64-v3", ("avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe")),
+        CpuArch("x86-64-v4", ("avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe",
+                              "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl")),
+    )
+}
+
+
+@dataclass(frozen=True)
 class TargetSpec:
     name: str  # "cpu" or "cuda"
-    arch: str | None = None  # CUDA arch, None for cpu
+    arch: str | None = None  # CUDA arch; for cpu an x86-64 level, None meaning the baseline
 
     @property
     def device(self) -> str:
         return "cuda" if self.name == "cuda" else "cpu"
 
     def describe(self) -> dict:
-        return {"name": self.name, "arch": self.arch, "device": self.device}
+        """The manifest's record of the target; ``cpu_flags`` lets the runtime refuse a CPU that lacks them."""
+        d = {"name": self.name, "arch": self.arch, "device": self.device}
+        if self.name == "cpu" and self.arch:
+            d["cpu_flags"] = list(CPU_ARCHS[self.arch].cpu_flags)
+        return d
 
     def tvm_target(self):
         from ..ir.tvm import Target
 
         if self.name == "cpu":
-            return Target({"kind": "llvm"})
+            return Target({"kind": "llvm", "mcpu": self.arch} if self.arch else {"kind": "llvm"})
         a = CUDA_ARCHS[self.arch]
         return Target({"kind": "cuda", "arch": a.arch, "max_shared_memory_per_block": a.max_shared_memory_per_block,
                        "max_threads_per_block": 1024, "thread_warp_size": 32}, host={"kind": "llvm"})
@@ -54,9 +78,12 @@ class TargetSpec:
 
 def resolve_target(name: str, arch: str | None = None) -> TargetSpec:
     if name == "cpu":
-        if arch:
-            raise TargetError("--arch is for --target cuda only")
-        return TargetSpec("cpu")
+        if arch in (None, "x86-64"):
+            return TargetSpec("cpu")
+        if arch not in CPU_ARCHS:
+            raise TargetError(f"unknown CPU arch {arch!r}; kiln knows {', '.join(CPU_ARCHS)} "
+                              "(--arch sm_XX is for --target cuda)")
+        return TargetSpec("cpu", arch)
     if name == "cuda":
         arch = arch or "sm_90"
         if arch not in CUDA_ARCHS:

@@ -40,12 +40,33 @@ def prepare_step(token_lists: list[list[int]]) -> StepInputs:
     return StepInputs(entry, ids, lens, positions)
 
 
+def host_cpu_flags() -> set[str] | None:
+    """The CPU feature flags of this machine (Linux), or None where they cannot be read."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def _check_cpu_flags(artifact: Artifact) -> None:
+    """An artifact built for wider vectors would die of an illegal instruction on an older CPU: refuse it."""
+    need = set(artifact.target.get("cpu_flags", ()))
+    have = host_cpu_flags()
+    if need and have is not None and not need <= have:
+        raise ArtifactError(f"{artifact.path} was compiled for {artifact.target.get('arch')}, which needs CPU features "
+                            f"this machine lacks ({', '.join(sorted(need - have))}); recompile with a lower --arch")
+
+
 class ModelRunner:
     def __init__(self, artifact: Artifact, device: str | None = None, kv_config: KVCacheConfig | None = None):
         device = device or artifact.target["device"]
         if device != artifact.target["device"]:
             raise ArtifactError(f"{artifact.path} was compiled for {artifact.target['device']}, not {device}")
         self.artifact, self.spec, self.device = artifact, artifact.spec, device
+        _check_cpu_flags(artifact)
         ffi = load_runtime(device)
         self._ffi = ffi
         try:

@@ -226,9 +226,16 @@ def test_rejects_unknown_cuda_arch(arch):
         resolve_target("cuda", arch)
 
 
-def test_rejects_arch_for_cpu():
-    with pytest.raises(TargetError, match="--arch is for --target cuda only"):
+def test_rejects_cuda_arch_for_cpu():
+    with pytest.raises(TargetError, match=r"unknown CPU arch 'sm_90'.*--arch sm_XX is for --target cuda"):
         resolve_target("cpu", "sm_90")
+
+
+def test_cpu_archs():
+    assert resolve_target("cpu") == resolve_target("cpu", "x86-64") == TargetSpec("cpu")
+    v3 = resolve_target("cpu", "x86-64-v3")
+    assert v3.describe()["cpu_flags"] and "avx2" in v3.describe()["cpu_flags"]
+    assert "cpu_flags" not in resolve_target("cpu").describe()
 
 
 @pytest.mark.cpu
