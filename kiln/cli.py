@@ -24,6 +24,10 @@ def _user_errors(fn):
         except KilnError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
+        except OSError as e:  # a path the user named cannot be read or written (permissions, disk full, ...)
+            where = f": {e.filename}" if e.filename else ""
+            click.echo(f"error: {e.strerror or e}{where}", err=True)
+            sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)

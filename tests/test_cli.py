@@ -291,3 +291,9 @@ def test_prompt_longer_than_context(compiled):
     _, out = compiled  # context 32
     prompt = " ".join(f"w{i}" for i in range(3, 43))  # 40 tokens
     assert_user_error(kiln("generate", out, "--prompt", prompt), "40 tokens", "32")
+
+
+def test_compile_to_an_unwritable_place(hf_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    assert_user_error(kiln("compile", hf_dir, "-o", blocker / "out"), "error: ")
