@@ -109,3 +109,86 @@ class TVMPagedKVCache:
     @property
     def num_free_pages(self) -> int:
         return int(self._free(self.handle))
+
+
+class SimulatedKVCache:
+    """A host-only twin of TVM's paged cache that keeps the page table but no K/V data.
+
+    Pages are reference counted the way TVM's blocks are: a fork shares the parent's full pages and
+    copies the page it forks inside; appends take new pages; removal frees the pages nobody else
+    holds. The scheduler's tests and the engine-overhead benchmark run on it, and a test checks it
+    against ``TVMPagedKVCache`` op for op.
+    """
+
+    def __init__(self, config: KVCacheConfig):
+        self.config = config
+        self.handle = None
+        total = config.num_pages + 1  # TVM's cache holds one page beyond max_total_tokens (measured)
+        self._free = list(range(total - 1, -1, -1))
+        self._refs = [0] * total
+        self._pages: dict[int, list[int]] = {}  # seq id -> its pages, in order
+        self._len: dict[int, int] = {}
+        self._batch: tuple[list[int], list[int]] | None = None
+        self.live: set[int] = set()
+
+    def _take(self) -> int:
+        if not self._free:
+            raise RuntimeError("the simulated KV cache ran out of pages")
+        page = self._free.pop()
+        self._refs[page] = 1
+        return page
+
+    def _release(self, pages: list[int]) -> None:
+        for page in pages:
+            self._refs[page] -= 1
+            if self._refs[page] == 0:
+                self._free.append(page)
+
+    def add_sequence(self, seq_id: int) -> None:
+        assert seq_id not in self.live, seq_id
+        self._pages[seq_id], self._len[seq_id] = [], 0
+        self.live.add(seq_id)
+
+    def remove_sequence(self, seq_id: int) -> None:
+        self._release(self._pages.pop(seq_id))
+        del self._len[seq_id]
+        self.live.discard(seq_id)
+
+    def fork_sequence(self, parent_id: int, child_id: int, fork_pos: int = -1) -> None:
+        assert child_id not in self.live and parent_id in self.live
+        pos = self._len[parent_id] if fork_pos == -1 else fork_pos
+        assert 0 <= pos <= self._len[parent_id]
+        full, part = divmod(pos, self.config.page_size)
+        shared = self._pages[parent_id][:full]
+        for page in shared:
+            self._refs[page] += 1
+        self._pages[child_id] = shared + ([self._take()] if part else [])
+        self._len[child_id] = pos
+        self.live.add(child_id)
+
+    def popn(self, seq_id: int, n: int) -> None:
+        keep = self._len[seq_id] - n
+        assert 0 <= keep
+        npages = -(-keep // self.config.page_size)
+        self._release(self._pages[seq_id][npages:])
+        del self._pages[seq_id][npages:]
+        self._len[seq_id] = keep
+
+    def begin_forward(self, seq_ids: list[int], append_lens: list[int]) -> None:
+        assert len(seq_ids) <= self.config.max_num_seqs and sum(append_lens) <= self.config.prefill_chunk_size
+        for s, k in zip(seq_ids, append_lens):
+            need = -(-(self._len[s] + k) // self.config.page_size)
+            while len(self._pages[s]) < need:
+                self._pages[s].append(self._take())
+            self._len[s] += k
+        self._batch = (seq_ids, append_lens)
+
+    def end_forward(self) -> None:
+        self._batch = None
+
+    def sequence_len(self, seq_id: int) -> int:
+        return self._len[seq_id]
+
+    @property
+    def num_free_pages(self) -> int:
+        return len(self._free)

@@ -1,0 +1,264 @@
+"""Iteration-level continuous batching.
+
+Each ``schedule()`` returns a plain ``Batch``: which sequences run, how many of their tokens each
+computes, and which were preempted. The model runner executes it; the scheduler never runs the
+model, and the runner makes no decisions. The scheduler does own the KV cache's sequence table
+(add, fork, remove) and reads its free-page count, because admission, prefix reuse and preemption
+are decisions about pages.
+
+One step, under a token budget (Sarathi-Serve's stall-free batching):
+1. every running decode (1 token each), oldest first;
+2. running prompts continue in chunks with what is left of the budget;
+3. waiting requests are admitted in policy order (FCFS or VTC) while the budget, ``max_num_seqs``
+   and the free pages allow; an admitted prompt first takes the longest prefix the prefix cache
+   holds (a fork of the cached sequence), so only its new tokens are computed.
+When a running sequence needs a page and none is free, cached prefixes are evicted (LRU); if that
+is not enough the newest running sequence is preempted by recompute: its pages are freed and it
+waits at the front of the queue with its prompt and output as the tokens to recompute.
+
+Page arithmetic, exact for TVM's paged cache: appending k tokens to a sequence of length L takes
+``ceil((L+k)/P) - ceil(L/P)`` new pages (a sequence's last block is never shared), and forking at
+a position inside a page copies that page.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from .policy import make_policy
+from .radix import PrefixCache
+from .sequence import Sequence, Status
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64  # running sequences at once
+    max_batched_tokens: int = 512  # tokens computed per step
+    page_size: int = 16
+    policy: str = "fcfs"
+    prefix_cache: bool = True
+    max_cached_seqs: int = 256  # finished sequences kept for prefix reuse
+
+
+@dataclass
+class Batch:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def seq_ids(self) -> list[int]:
+        return [s.seq_id for s in self.seqs]
+
+    @property
+    def token_lists(self) -> list[list[int]]:
+        return [s.tokens[s.num_computed:s.num_computed + k] for s, k in zip(self.seqs, self.num_tokens)]
+
+    @property
+    def samples(self) -> list[bool]:
+        """Whether each entry reaches the end of its tokens (its logits give the next token)."""
+        return [s.num_computed + k == len(s.tokens) for s, k in zip(self.seqs, self.num_tokens)]
+
+
+@dataclass
+class SchedulerStats:
+    prefix_cache_hits: int = 0
+    prefix_cache_hit_tokens: int = 0
+    prompt_tokens: int = 0
+    prefill_tokens_computed: int = 0
+    generation_tokens: int = 0
+    preemptions: int = 0
+
+
+def _pages(n: int, p: int) -> int:
+    return -(-n // p)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv):
+        self.config = config
+        self.kv = kv  # the KVCache protocol (kiln/runtime/kv_cache.py)
+        self.policy = make_policy(config.policy)
+        self.running: list[Sequence] = []  # admission order
+        self.cache = PrefixCache()
+        self.stats = SchedulerStats()
+        self._ids = itertools.count()
+
+    def new_seq_id(self) -> int:
+        return next(self._ids)
+
+    # -- queue management ------------------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        self.policy.add(seq)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.policy)
+
+    def has_work(self) -> bool:
+        return bool(self.running) or len(self.policy) > 0
+
+    def abort(self, seq: Sequence) -> None:
+        if seq.status is Status.WAITING:
+            self.policy.remove(seq)
+        elif seq.status is Status.RUNNING:
+            self.running.remove(seq)
+            self.policy.on_leave(seq)
+            self.kv.remove_sequence(seq.seq_id)
+        seq.status = Status.FINISHED
+
+    def finish(self, seq: Sequence) -> None:
+        """A running sequence is done: keep its KV for prefix reuse, or free it."""
+        assert seq.status is Status.RUNNING
+        self.running.remove(seq)
+        self.policy.on_leave(seq)
+        seq.status = Status.FINISHED
+        kept = seq.tokens[:seq.num_computed]
+        if not self.config.prefix_cache or not kept or self.cache.covers(kept):
+            self.kv.remove_sequence(seq.seq_id)
+            return
+        self.cache.insert(seq.seq_id, kept)
+        while len(self.cache) > self.config.max_cached_seqs:
+            self._evict_one()
+
+    def fork(self, parent: Sequence, tokens: list[list[int]]) -> list[Sequence]:
+        """Children of a sequence whose prompt is computed (n > 1), each with its own first token.
+
+        ``parent.tokens`` already ends with the parent's sampled token; a child shares the KV of the
+        prompt and continues with ``tokens[i]``. The page a fork inside a page copies was reserved when
+        the prompt's last chunk was scheduled.
+        """
+        children = []
+        pos = parent.num_computed
+        for i, extra in enumerate(tokens):
+            child = Sequence(self.new_seq_id(), parent.request_id, parent.tokens[:pos] + extra, parent.prompt_len,
+                             parent.max_tokens, index=parent.index + 1 + i, user=parent.user, arrival=parent.arrival,
+                             num_computed=pos, num_cached=parent.num_cached, status=Status.RUNNING,
+                             charged_input=True)
+            self.kv.fork_sequence(parent.seq_id, child.seq_id, pos)
+            self.running.append(child)
+            self.policy.on_admit(child)
+            children.append(child)
+        parent.forks = 0
+        return children
+
+    # -- one step --------------------------------------------------------------------------------
+
+    def _need(self, seq: Sequence, k: int) -> int:
+        p = self.config.page_size
+        need = _pages(seq.num_computed + k, p) - _pages(seq.num_computed, p)
+        end = seq.num_computed + k
+        if seq.forks and end == len(seq.tokens) and end % p:
+            need += seq.forks  # each child's copy of the partial last page
+        return need
+
+    def _evict_one(self) -> bool:
+        lru = self.cache.lru()
+        if not lru:
+            return False
+        self.cache.remove(lru[0])
+        self.kv.remove_sequence(lru[0])
+        return True
+
+    def _make_room(self, need: int, reserved: int) -> bool:
+        """Evict cached prefixes until ``need`` pages are free beyond the ``reserved`` ones; whether they are."""
+        while need > self.kv.num_free_pages - reserved:
+            if not self._evict_one():
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence, batch: Batch) -> None:
+        self.running.remove(seq)
+        self.policy.on_leave(seq)
+        self.kv.remove_sequence(seq.seq_id)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        self.policy.add_front(seq)
+        batch.preempted.append(seq)
+        self.stats.preemptions += 1
+
+    def schedule(self) -> Batch:
+        """The next step's batch. Pages it needs are ``reserved`` here and taken by the forward itself."""
+        batch = Batch()
+        budget = self.config.max_batched_tokens
+        reserved = 0
+        planned: list[tuple[Sequence, int]] = []
+        decodes = [s for s in self.running if s.remaining == 1]
+        prompts = [s for s in self.running if s.remaining > 1]
+        for seq in decodes + prompts:
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:  # preempted earlier in this loop
+                continue
+            k = min(seq.remaining, budget)
+            need = self._need(seq, k)
+            while not self._make_room(need, reserved):  # preempt the newest running sequence not yet planned
+                victim = next(s for s in reversed(self.running) if all(s is not q for q, _ in planned))
+                self._preempt(victim, batch)
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                continue
+            planned.append((seq, k))
+            budget -= k
+            reserved += need
+        if not batch.preempted:  # nothing was short of pages: admit new work
+            self._admit(planned, budget, reserved)
+        for seq, k in planned:
+            batch.seqs.append(seq)
+            batch.num_tokens.append(k)
+        return batch
+
+    def _admit(self, planned: list, budget: int, reserved: int) -> None:
+        p = self.config.page_size
+        while budget > 0:
+            seq = self.policy.peek()
+            if seq is None or len(self.running) + 1 + seq.forks > self.config.max_num_seqs:
+                break
+            parent, hit = (None, 0)
+            if self.config.prefix_cache:
+                parent, hit = self.cache.match(seq.tokens[:len(seq.tokens) - 1])
+            k = min(len(seq.tokens) - hit, budget)
+            end = hit + k
+            copy = 1 if hit % p else 0  # forking inside a page copies it
+            need = copy + _pages(end, p) - _pages(hit, p) + (seq.forks if seq.forks and end == len(seq.tokens)
+                                                               and end % p else 0)
+            if not self._make_room(need, reserved):
+                break
+            if parent is not None and parent not in self.cache:  # making room evicted the prefix we matched
+                continue  # match again against what is left
+            self.policy.pop()
+            if parent is not None:
+                self.kv.fork_sequence(parent, seq.seq_id, hit)  # takes the copied page now
+                self.stats.prefix_cache_hits += 1
+                self.stats.prefix_cache_hit_tokens += hit
+            else:
+                self.kv.add_sequence(seq.seq_id)
+            if seq.admissions == 0:
+                self.stats.prompt_tokens += seq.prompt_len
+            seq.admissions += 1
+            seq.num_computed = hit
+            seq.num_cached = hit
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            self.policy.on_admit(seq)
+            planned.append((seq, k))
+            budget -= k
+            reserved += need - copy
+
+    def commit(self, batch: Batch) -> None:
+        """The batch ran: its tokens now have KV."""
+        for seq, k in zip(batch.seqs, batch.num_tokens):
+            if not (k == 1 and seq.is_decode):
+                self.stats.prefill_tokens_computed += k
+            seq.num_computed += k
+
+    def on_token(self, seq: Sequence) -> None:
+        self.stats.generation_tokens += 1
+        self.policy.on_output(seq, 1)
