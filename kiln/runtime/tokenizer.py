@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 
 from ..errors import ArtifactError
@@ -29,8 +31,29 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary entry (e.g. ``"Ġdef"`` in a byte-level BPE), None for an id outside the vocabulary."""
+        return self._tok.id_to_token(token_id)
+
+    def decode_token(self, token_id: int) -> str:
+        """One token's text, as shown beside a logprob: special tokens included, a partial character as U+FFFD."""
+        return self._tok.decode([token_id], skip_special_tokens=False)
+
+    @cached_property
+    def special_token_ids(self) -> frozenset[int]:
+        """The ids of special tokens (``<s>``, ``<|end|>``, ...): the ones ``skip_special_tokens`` leaves out."""
+        return frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """The id of ``tokenizer_config.json``'s ``eos_token``, None where it names none."""
+        eos = self.config.get("eos_token")
+        if isinstance(eos, dict):  # older configs store an AddedToken as a dict
+            eos = eos.get("content")
+        return self._tok.token_to_id(eos) if isinstance(eos, str) else None
