@@ -183,7 +183,7 @@ def main() -> None:
     print(f"held-out perplexity: {ppl:.2f} over {step} steps ({tokens_seen / 1e6:.1f}M tokens)", flush=True)
 
     model.generation_config.bos_token_id = bos
-    model.generation_config.eos_token_id = eos
+    model.generation_config.eos_token_id = [eos, tok.token_to_id("<|end|>")]  # </s>, and the chat turn's end
     model.generation_config.pad_token_id = eos
     model.save_pretrained(out, safe_serialization=True)
     fast.save_pretrained(out)

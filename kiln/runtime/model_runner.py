@@ -7,6 +7,7 @@ CPU-testable), calls the right entry point and returns one row of logits per seq
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,6 +88,7 @@ class ModelRunner:
                 raise ArtifactError(f"{artifact.path}: the library has no entry point {name!r}") from None
         self._reshape = global_func("vm.builtin.reshape")
         self._inflight: list = []
+        self.last_timing = (0.0, 0.0, 0.0)  # seconds of the last forward: input preparation, model, output copy
         self.params = self._load_params()
         cfg = kv_config or KVCacheConfig.for_model(self.spec.context_len, self.spec.kv_bytes_per_token)
         if cfg.prefill_chunk_size > cfg.max_total_tokens:
@@ -125,6 +127,7 @@ class ModelRunner:
 
     def forward(self, seq_ids: list[int], token_lists: list[list[int]]) -> np.ndarray:
         """Append ``token_lists[i]`` to sequence ``seq_ids[i]``; return logits [b, V] float32 of each last token."""
+        t0 = time.perf_counter()
         step = prepare_step(token_lists)
         n, b, H = len(step.token_ids), len(seq_ids), self.spec.hidden_size
         if n > self.kv.config.prefill_chunk_size:
@@ -132,17 +135,20 @@ class ModelRunner:
         S = self._ffi.Shape
         self._inflight = []
         ids = self._to_device(step.token_ids)
+        pos = self._to_device(step.logit_positions) if step.entry == "batch_prefill" else None
+        t1 = time.perf_counter()
         embeds = self.fns["embed"](ids, self.params)  # [n, H]
         self.kv.begin_forward(seq_ids, step.append_lens)
         try:
             if step.entry == "batch_decode":
                 out = self.fns["batch_decode"](self._reshape(embeds, S([b, 1, H])), self.kv.handle, self.params)
             elif step.entry == "batch_prefill":
-                pos = self._to_device(step.logit_positions)
                 out = self.fns["batch_prefill"](self._reshape(embeds, S([1, n, H])), pos, self.kv.handle, self.params)
             else:
                 out = self.fns[step.entry](self._reshape(embeds, S([1, n, H])), self.kv.handle, self.params)
         finally:
             self.kv.end_forward()
-        logits = self._to_host(out[0])
-        return logits.reshape(b, -1)
+        t2 = time.perf_counter()
+        logits = self._to_host(out[0]).reshape(b, -1)
+        self.last_timing = (t1 - t0, t2 - t1, time.perf_counter() - t2)  # inputs, model, logits to host
+        return logits

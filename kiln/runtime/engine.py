@@ -1,0 +1,462 @@
+"""The serving engine: requests in, streamed choices out, one model step at a time.
+
+``Engine.step()`` asks the scheduler for a batch, runs it through the model runner, samples the
+sequences whose computed tokens reached their end (grammar masks first), detokenizes, applies the
+stop conditions and hands finished sequences back to the scheduler (which keeps their KV for prefix
+reuse). ``AsyncEngine`` runs that loop on a background thread for the HTTP server: requests are
+submitted and aborted through a queue, outputs come back on one asyncio queue per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..artifact import load_artifact
+from ..errors import KilnError, RequestError
+from ..scheduler.scheduler import Scheduler, SchedulerConfig
+from ..scheduler.sequence import Sequence, Status
+from .detokenizer import IncrementalDetokenizer
+from .kv_cache import KVCacheConfig
+from .outputs import CompletionOutput, EngineStats, Request, RequestOutput
+from .sampler import Sampler, SamplingRow, choice_generator
+from .tokenizer import Tokenizer
+
+log = logging.getLogger("kiln.engine")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_num_seqs: int = 64  # sequences running at once
+    max_batched_tokens: int = 512  # tokens computed per step (prefill chunks + decodes)
+    kv_cache_memory: int | float = 0.25  # bytes (int), or a fraction (0, 1] of the memory available
+    policy: str = "fcfs"  # "fcfs" | "vtc"
+    prefix_cache: bool = True
+    device: str | None = None
+    page_size: int = 16
+
+    def __post_init__(self):
+        if self.max_num_seqs < 1:
+            raise KilnError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
+        if self.max_batched_tokens < 1:
+            raise KilnError(f"max_batched_tokens must be at least 1, got {self.max_batched_tokens}")
+        m = self.kv_cache_memory
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or m <= 0 or (isinstance(m, float) and m > 1):
+            raise KilnError(f"kv_cache_memory must be a byte count or a fraction in (0, 1], got {m!r}")
+        if self.policy not in ("fcfs", "vtc"):
+            raise KilnError(f"unknown scheduling policy {self.policy!r} (fcfs or vtc)")
+
+
+def _available_memory(device: str) -> int:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info()[0]
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def kv_cache_config(spec, config: EngineConfig, device: str) -> KVCacheConfig:
+    """Pages for ``config.kv_cache_memory`` bytes, capped at twice what the running sequences can use
+    (the rest of the cap feeds the prefix cache)."""
+    m = config.kv_cache_memory
+    budget = int(m * _available_memory(device)) if isinstance(m, float) else int(m)
+    tokens = min(budget // spec.kv_bytes_per_token, 2 * config.max_num_seqs * spec.context_len)
+    p = config.page_size
+    tokens = tokens // p * p
+    if tokens < p:
+        raise KilnError(f"kv_cache_memory={m!r} holds {budget // spec.kv_bytes_per_token} tokens; one page needs "
+                        f"{p} tokens = {p * spec.kv_bytes_per_token} bytes")
+    return KVCacheConfig(max_num_seqs=config.max_num_seqs, max_total_tokens=tokens,
+                         prefill_chunk_size=min(config.max_batched_tokens, tokens), page_size=p)
+
+
+@dataclass
+class _Live:
+    """An admitted request: its choices and what they have produced since the last output."""
+
+    request: Request
+    seqs: list[Sequence]
+    stop_ids: frozenset[int]
+    done: set[int] = field(default_factory=set)
+    news: dict[int, CompletionOutput] = field(default_factory=dict)
+
+    def news_for(self, index: int) -> CompletionOutput:
+        out = self.news.get(index)
+        if out is None:
+            out = self.news[index] = CompletionOutput(index, "", [], [] if self.request.params.logprobs is not None
+                                                      else None)
+        return out
+
+
+class Engine:
+    def __init__(self, artifact: str | Path, config: EngineConfig = EngineConfig()):
+        import torch
+
+        from .model_runner import ModelRunner
+
+        # The model runs on TVM's own thread pool; torch (the sampler) on more than one thread only fights it.
+        torch.set_num_threads(1)
+        self.config = config
+        self.artifact = load_artifact(artifact)
+        self.spec = self.artifact.spec
+        self.model_name = self.artifact.path.name
+        device = config.device or self.artifact.target["device"]
+        kv_cfg = kv_cache_config(self.spec, config, device)
+        self.runner = ModelRunner(self.artifact, device, kv_cfg)
+        self.kv = self.runner.kv
+        self.kv_pages_total = self.kv.num_free_pages
+        self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=config.max_num_seqs,
+                                                   max_batched_tokens=kv_cfg.prefill_chunk_size,
+                                                   page_size=kv_cfg.page_size, policy=config.policy,
+                                                   prefix_cache=config.prefix_cache), self.kv)
+        self.tokenizer = Tokenizer(self.artifact.path)
+        self.sampler = Sampler(self.spec.vocab_size)
+        self._grammar_compiler = None
+        self._live: dict[str, _Live] = {}
+        self._ended: list[RequestOutput] = []  # outputs of aborted requests, returned by the next step
+        self.finished_by_reason: dict[str, int] = {}
+        self.step_times: list[tuple] = []  # per step: (batch size, schedule, inputs, model, outputs, sample+detok) s
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    def compile_grammar(self, fmt):
+        """A compiled grammar for a ``grammar.ResponseFormat`` (None for plain text); RequestError if invalid."""
+        if self._grammar_compiler is None:
+            from .grammar import GrammarCompiler
+
+            self._grammar_compiler = GrammarCompiler(self.artifact.path, self.spec.vocab_size, self.spec.eos_token_ids)
+        return self._grammar_compiler.compile(fmt)
+
+    def validate(self, req: Request) -> None:
+        """Raise RequestError for a request that can never run. Safe to call from another thread."""
+        p, ctx, n = req.params, self.spec.context_len, len(req.prompt_ids)
+        if n == 0:
+            raise RequestError("the prompt is empty")
+        if any(not 0 <= t < self.spec.vocab_size for t in req.prompt_ids):
+            raise RequestError(f"prompt token ids must be in [0, {self.spec.vocab_size})")
+        if any(not 0 <= t < self.spec.vocab_size for t in p.stop_token_ids):
+            raise RequestError(f"stop_token_ids must be in [0, {self.spec.vocab_size})")
+        if n >= ctx:
+            raise RequestError(f"the prompt has {n} tokens; this model's context window is {ctx} tokens")
+        if n + p.max_tokens > ctx:
+            raise RequestError(f"this model's context window is {ctx} tokens; the prompt has {n} and max_tokens "
+                               f"asks for {p.max_tokens} more (at most {ctx - n})")
+        cap = self.kv.config.num_pages * self.kv.config.page_size
+        if n + p.max_tokens > cap:
+            raise RequestError(f"the request needs up to {n + p.max_tokens} tokens of KV cache; the server's cache "
+                               f"holds {cap}")
+        if p.n > self.config.max_num_seqs:
+            raise RequestError(f"n={p.n} exceeds the server's max_num_seqs={self.config.max_num_seqs}")
+        if req.request_id in self._live:
+            raise RequestError(f"request id {req.request_id!r} is already in use")
+
+    def add_request(self, req: Request) -> None:
+        self.validate(req)
+        p = req.params
+        req.arrival = req.arrival or time.monotonic()
+        stop = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.spec.eos_token_ids))
+        seq = Sequence(self.scheduler.new_seq_id(), req.request_id, list(req.prompt_ids), len(req.prompt_ids),
+                       p.max_tokens, user=req.user, arrival=req.arrival, forks=p.n - 1)
+        self._init_choice(req, seq)
+        self._live[req.request_id] = _Live(req, [seq], frozenset(stop))
+        self.scheduler.add(seq)
+
+    def _init_choice(self, req: Request, seq: Sequence) -> None:
+        p = req.params
+        gen = choice_generator(p.seed, seq.index) if p.seed is not None else None
+        grammar = None
+        if req.grammar is not None:
+            from .grammar import GrammarState
+
+            grammar = GrammarState(req.grammar)
+        seq.data = {"detok": IncrementalDetokenizer(self.tokenizer, req.prompt_ids, p.stop, p.skip_special_tokens),
+                    "gen": gen, "grammar": grammar}
+
+    def abort_request(self, request_id: str) -> None:
+        live = self._live.pop(request_id, None)
+        if live is None:
+            return
+        for seq in live.seqs:
+            if seq.status is not Status.FINISHED:
+                self.scheduler.abort(seq)
+        n = live.request.params.n
+        for i in range(n):
+            if i not in live.done:
+                live.news_for(i).finish_reason = "abort"
+                self.finished_by_reason["abort"] = self.finished_by_reason.get("abort", 0) + 1
+        self._ended.append(self._output(live, finished=True))
+
+    def has_unfinished(self) -> bool:
+        return bool(self._live) or bool(self._ended)
+
+    # -- one step ----------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        outputs, self._ended = self._ended, []
+        batch = self.scheduler.schedule()
+        if not batch:
+            return outputs
+        samples = batch.samples
+        t1 = time.perf_counter()
+        logits = self.runner.forward(batch.seq_ids, batch.token_lists)
+        t2 = time.perf_counter()
+        self.scheduler.commit(batch)
+        picked = [(i, s) for i, (s, yes) in enumerate(zip(batch.seqs, samples)) if yes]
+        touched: dict[str, _Live] = {}
+        if picked:
+            self._sample(picked, logits, touched)
+        for live in touched.values():
+            fin = len(live.done) == live.request.params.n
+            outputs.append(self._output(live, finished=fin))
+            if fin:
+                del self._live[live.request.request_id]
+        self.step_times.append((len(batch), t1 - t0, *self.runner.last_timing, time.perf_counter() - t2))
+        del self.step_times[:-4096]
+        return outputs
+
+    def _sample(self, picked: list[tuple[int, Sequence]], logits: np.ndarray, touched: dict) -> None:
+        import torch
+
+        # one row per choice to sample: (sequence or None for a child-to-be, logits row, owner, choice index)
+        entries = []
+        for i, seq in picked:
+            entries.append((seq, i, seq, seq.index))
+            entries.extend((None, i, seq, seq.index + 1 + k) for k in range(seq.forks))
+        rows = [e[1] for e in entries]
+        x = torch.from_numpy(logits if len(rows) == len(logits) and rows[-1] == len(rows) - 1 else logits[rows])
+        grammars = [owner.data["grammar"] for _, _, owner, _ in entries]  # children start where the parent does
+        if any(g is not None for g in grammars):
+            from .grammar import apply_grammar_masks
+
+            apply_grammar_masks(x, grammars)
+        sample_rows = []
+        for seq, _, owner, index in entries:
+            params = self._live[owner.request_id].request.params
+            src = seq if seq is not None else owner
+            prompt = src.tokens[:src.prompt_len] if params.repetition_penalty != 1.0 else ()
+            output = src.tokens[src.prompt_len:] if seq is not None and params.has_penalties else ()
+            if seq is not None:
+                gen = seq.data["gen"]
+            else:  # the child's own generator, as _init_choice would make it
+                gen = choice_generator(params.seed, index) if params.seed is not None else None
+            sample_rows.append(SamplingRow(params, gen, prompt, output))
+        tokens, logprobs = self.sampler(x, sample_rows)
+        children: dict[int, list[int]] = {}  # parent seq id -> rows of its children
+        for j, (seq, _, owner, _) in enumerate(entries):
+            if seq is None:
+                children.setdefault(owner.seq_id, []).append(j)
+                continue
+            seq.tokens.append(tokens[j])
+            self._after_token(seq, tokens[j], logprobs[j], touched)
+        for parent in [owner for seq, _, owner, _ in entries if seq is not None and owner.forks]:
+            live = self._live[parent.request_id]
+            js = children[parent.seq_id]
+            for child, j in zip(self.scheduler.fork(parent, [[tokens[j]] for j in js]), js):
+                self._init_choice(live.request, child)
+                child.data["gen"] = sample_rows[j].generator  # it drew the first token already
+                live.seqs.append(child)
+                self._after_token(child, tokens[j], logprobs[j], touched)
+            if parent.index in live.done:  # the parent finished on its first token
+                self.scheduler.finish(parent)
+
+    def _after_token(self, seq: Sequence, token: int, lp, touched: dict) -> None:
+        live = self._live[seq.request_id]
+        touched[seq.request_id] = live
+        self.scheduler.on_token(seq)
+        data = seq.data
+        out = live.news_for(seq.index)
+        out.token_ids.append(token)
+        if out.logprobs is not None:
+            out.logprobs.append(lp)
+        reason = None
+        grammar = data["grammar"]
+        if grammar is not None and not grammar.accept(token):
+            reason = "stop"  # cannot happen with the mask applied; never continue outside the grammar
+        if token in live.stop_ids:
+            reason = "stop"
+        else:
+            out.text += data["detok"].step(token)
+            if data["detok"].stopped:
+                reason = "stop"
+        if reason is None and grammar is not None and grammar.terminated:
+            reason = "stop"
+        if reason is None and (seq.num_generated >= seq.max_tokens or len(seq.tokens) >= self.spec.context_len):
+            reason = "length"
+        if reason is not None:
+            if not data["detok"].stopped:
+                out.text += data["detok"].flush()
+            out.finish_reason = reason
+            live.done.add(seq.index)
+            self.finished_by_reason[reason] = self.finished_by_reason.get(reason, 0) + 1
+            if seq.forks:  # finished on its first token: its children still have to be forked
+                return
+            self.scheduler.finish(seq)
+
+    def _output(self, live: _Live, finished: bool) -> RequestOutput:
+        outs = [live.news[i] for i in sorted(live.news)]
+        live.news = {}
+        first = live.seqs[0]
+        return RequestOutput(live.request.request_id, outs, first.prompt_len, first.num_cached, finished)
+
+    # -- observation -------------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler.stats
+        free = self.kv.num_free_pages
+        used = self.kv_pages_total - free
+        p = self.kv.config.page_size
+        running = sum(-(-q.num_computed // p) for q in self.scheduler.running)  # pages running sequences use
+        return EngineStats(running=len(self.scheduler.running), waiting=self.scheduler.num_waiting,
+                           kv_pages_total=self.kv_pages_total, kv_pages_free=free,
+                           kv_pages_cached=max(0, used - running) if len(self.scheduler.cache) else 0,
+                           prefix_cache_hits=s.prefix_cache_hits, prefix_cache_hit_tokens=s.prefix_cache_hit_tokens,
+                           prompt_tokens=s.prompt_tokens, prefill_tokens_computed=s.prefill_tokens_computed,
+                           generation_tokens=s.generation_tokens, preemptions=s.preemptions,
+                           requests_finished=dict(self.finished_by_reason), kv_sequences=len(self.kv.live),
+                           cached_sequences=len(self.scheduler.cache))
+
+    def clear_prefix_cache(self) -> None:
+        """Drop every prefix-cache entry (their pages come back unless a running fork still uses them)."""
+        while self.scheduler._evict_one():
+            pass
+
+    def generate(self, requests: list[Request]) -> dict[str, list[RequestOutput]]:
+        """Run requests to completion (offline use and tests): every output of each request, in order."""
+        for r in requests:
+            self.add_request(r)
+        got: dict[str, list[RequestOutput]] = {r.request_id: [] for r in requests}
+        while self.has_unfinished():
+            for out in self.step():
+                got[out.request_id].append(out)
+        return got
+
+
+_END = object()
+
+
+class RequestStream:
+    """The outputs of one request, as an async iterator; ``abort()`` cancels it."""
+
+    def __init__(self, owner: "AsyncEngine", request_id: str, loop: asyncio.AbstractEventLoop):
+        self._owner, self.request_id, self._loop = owner, request_id, loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self.finished = False
+
+    def _push(self, item) -> None:  # engine thread
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the event loop is gone: nobody is listening
+            self._owner._abort(self.request_id)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item.finished:
+            self.finished = True
+        return item
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._owner._abort(self.request_id)
+
+
+class AsyncEngine:
+    """Runs ``Engine.step()`` on a background thread; submit and abort from the event loop."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, RequestStream] = {}
+        self._stopping = False
+        self._snapshot = engine.stats()
+        self._ids_in_use: set[str] = set()
+        self._thread = threading.Thread(target=self._run, name="kiln-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, req: Request) -> RequestStream:
+        if req.request_id in self._ids_in_use:
+            raise RequestError(f"request id {req.request_id!r} is already in use")
+        self.engine.validate(req)
+        req.arrival = req.arrival or time.monotonic()
+        stream = RequestStream(self, req.request_id, asyncio.get_running_loop())
+        self._ids_in_use.add(req.request_id)
+        self._cmds.put(("add", req, stream))
+        self._wake.set()
+        return stream
+
+    def _abort(self, request_id: str) -> None:
+        self._cmds.put(("abort", request_id, None))
+        self._wake.set()
+
+    def stats(self) -> EngineStats:
+        return self._snapshot
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10)
+
+    def _run(self) -> None:
+        eng = self.engine
+        while not self._stopping:
+            if self._cmds.empty() and not eng.has_unfinished():
+                self._wake.wait(1.0)
+                self._wake.clear()
+            while not self._cmds.empty():
+                kind, arg, stream = self._cmds.get()
+                if kind == "add":
+                    try:
+                        eng.add_request(arg)
+                        self._streams[arg.request_id] = stream
+                    except Exception as e:  # RequestError (validated twice: cheap) or a bug: the request fails alone
+                        self._ids_in_use.discard(arg.request_id)
+                        stream._push(e if isinstance(e, KilnError) else RuntimeError(f"engine error: {e}"))
+                else:
+                    eng.abort_request(arg)
+            if not eng.has_unfinished():
+                self._snapshot = eng.stats()
+                continue
+            try:
+                outputs = eng.step()
+            except Exception as e:  # a bug must not take the server down: fail what is in flight, keep serving
+                log.exception("engine step failed; aborting the requests in flight")
+                for rid in list(eng._live):
+                    eng.abort_request(rid)
+                eng._ended = []
+                for rid, stream in list(self._streams.items()):
+                    stream._push(RuntimeError(f"engine error: {e}"))
+                    self._ids_in_use.discard(rid)
+                self._streams.clear()
+                continue
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is not None:
+                    stream._push(out)
+                    if out.finished:
+                        del self._streams[out.request_id]
+                        self._ids_in_use.discard(out.request_id)
+            self._snapshot = eng.stats()
