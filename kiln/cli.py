@@ -1,11 +1,13 @@
-"""kiln's command line: compile, generate, inspect.
+"""kiln's command line: compile, generate, inspect, serve, chat.
 
 Errors a user can cause (KilnError) print one line and exit 1, without a traceback.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 import sys
 import time
 from functools import wraps
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from .errors import KilnError
+from .errors import KilnError, RequestError
 
 
 def _user_errors(fn):
@@ -147,6 +149,154 @@ def inspect(artifact, as_json):
     for name, size in sorted(sizes.items()):
         click.echo(f"  {name:<24} {size / 1e6:9.2f} MB")
     click.echo(f"  {'total':<24} {info['total_bytes'] / 1e6:9.2f} MB")
+
+
+_BYTE_UNITS = {"": 1, "b": 1,  # k, kb: 1000; ki, kib: 1024 (and so on up to t)
+               **{p + s: 1000 ** (i + 1) for i, p in enumerate("kmgt") for s in ("", "b")},
+               **{p + s: 1024 ** (i + 1) for i, p in enumerate("kmgt") for s in ("i", "ib")}}
+
+
+def parse_memory(text: str) -> int | float:
+    """``--kv-cache-memory``: a fraction of the device's memory (``0.5``, ``1.0``: it has a decimal point)
+    or a byte count (``1000000``, ``512MiB``, ``2GiB``, ``1.5GB``)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _BYTE_UNITS:
+        raise KilnError(f"--kv-cache-memory {text!r} is neither a fraction (0.5) nor a size (1000000, 512MiB, 2GiB)")
+    number = m.group(1)
+    if not m.group(2) and "." in number:
+        fraction = float(number)
+        if not 0.0 < fraction <= 1.0:
+            raise KilnError(f"--kv-cache-memory {text!r}: a fraction of device memory must be in (0, 1]")
+        return fraction
+    size = int(float(number) * _BYTE_UNITS[unit])
+    if size <= 0:
+        raise KilnError(f"--kv-cache-memory {text!r}: the size must be positive")
+    return size
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to listen on (0.0.0.0 for every interface)")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0 picks a free port")
+@click.option("--api-key", default=None, envvar="KILN_API_KEY",
+              help="require 'Authorization: Bearer KEY' on the /v1/ routes (or set KILN_API_KEY)")
+@click.option("--policy", type=click.Choice(["fcfs", "vtc"]), default=None,
+              help="fcfs: first come, first served (default); vtc: a fair share per user")
+@click.option("--max-num-seqs", type=click.IntRange(min=1), default=None,
+              help="sequences running at once (default 64)")
+@click.option("--max-batched-tokens", type=click.IntRange(min=1), default=None,
+              help="tokens computed per step: prefill chunks plus decodes (default 512)")
+@click.option("--kv-cache-memory", default=None,
+              help="KV cache size: bytes (1000000, 512MiB, 2GiB) or a fraction of device memory (default 0.25)")
+@_user_errors
+def serve(artifact, host, port, api_key, policy, max_num_seqs, max_batched_tokens, kv_cache_memory):
+    """Serve ARTIFACT over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
+    # options first: a bad value fails before the slow imports and the model load
+    given = {"policy": policy, "max_num_seqs": max_num_seqs, "max_batched_tokens": max_batched_tokens,
+             "kv_cache_memory": None if kv_cache_memory is None else parse_memory(kv_cache_memory)}
+    import asyncio
+    import socket
+
+    import uvicorn
+
+    from .runtime.engine import AsyncEngine, Engine, EngineConfig
+    from .server import build_app
+
+    config = EngineConfig(**{k: v for k, v in given.items() if v is not None})
+    sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    engine = Engine(artifact, config)
+    app = build_app(AsyncEngine(engine), api_key=api_key)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
+    bound = sock.getsockname()[1]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{bound}"
+
+    async def run():
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started and not task.done():
+            await asyncio.sleep(0.05)
+        if server.started:
+            click.echo(f"kiln: serving {engine.model_name} at {url}/v1 (Ctrl-C stops)")
+        await task
+
+    asyncio.run(run())
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--system", default=None, help="a system message that opens the conversation")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True, help="per reply")
+@click.option("--temperature", type=click.FloatRange(min=0.0, max=100.0), default=0.7, show_default=True,
+              help="0 is greedy")
+@click.option("--seed", type=int, default=None)
+@_user_errors
+def chat(artifact, system, max_tokens, temperature, seed):
+    """Chat with ARTIFACT in the terminal, through its chat template.
+
+    Replies stream as they are generated; the conversation is kept. /reset clears it, /exit or EOF
+    (Ctrl-D) quits, Ctrl-C cuts a reply short."""
+    from .runtime.chat_template import template_source
+    from .runtime.engine import Engine, EngineConfig
+
+    engine = Engine(artifact, EngineConfig(max_num_seqs=1))
+    if template_source(engine.tokenizer) is None:
+        raise KilnError(f"{artifact} has no chat template; use 'kiln generate' for plain text")
+    opening = [{"role": "system", "content": system}] if system else []
+    history = list(opening)
+    click.echo(f"chatting with {engine.model_name}: /reset clears the conversation, /exit or Ctrl-D quits", err=True)
+    for turn in itertools.count():
+        click.echo("> ", nl=False)
+        line = sys.stdin.readline()
+        if not line:  # EOF
+            click.echo()
+            return
+        text = line.strip()
+        if text == "/exit":
+            return
+        if text == "/reset":
+            history = list(opening)
+            click.echo("(conversation cleared)", err=True)
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        try:
+            reply = _chat_reply(engine, history, f"chat-{turn}", max_tokens, temperature, seed)
+        except RequestError as e:  # e.g. the conversation outgrew the context window: this turn only
+            history.pop()
+            click.echo(f"error: {e}", err=True)
+            continue
+        history.append({"role": "assistant", "content": reply})
+
+
+def _chat_reply(engine, history: list[dict], request_id: str, max_tokens: int, temperature: float,
+                seed: int | None) -> str:
+    """Generate the assistant's reply to ``history`` on the synchronous engine, echoing it as it comes."""
+    from .runtime.chat_template import encode_chat, render_chat
+    from .runtime.outputs import Request
+    from .runtime.sampler import SamplingParams
+
+    prompt_ids = encode_chat(engine.tokenizer, render_chat(engine.tokenizer, history))
+    room = engine.spec.context_len - len(prompt_ids)
+    if room < 1:
+        raise RequestError("the conversation fills the model's context window; /reset to start over")
+    params = SamplingParams(max_tokens=min(max_tokens, room), temperature=temperature, seed=seed)
+    engine.add_request(Request(request_id, prompt_ids, params))
+    parts = []
+    try:
+        while engine.has_unfinished():
+            for out in engine.step():
+                for o in out.outputs:
+                    click.echo(o.text, nl=False)
+                    parts.append(o.text)
+    except KeyboardInterrupt:  # cut this reply short, keep the conversation
+        engine.abort_request(request_id)
+        while engine.has_unfinished():
+            engine.step()
+        click.echo(" [interrupted]", nl=False)
+    click.echo()
+    return "".join(parts)
 
 
 if __name__ == "__main__":
