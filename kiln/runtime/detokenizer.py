@@ -68,9 +68,32 @@ class IncrementalDetokenizer:
         """Add one generated token; return the text it makes final ("" if none, and always once stopped)."""
         if self.stopped:
             return ""
+        return self._advance(self._decode(self._push(token_id)))
+
+    @staticmethod
+    def step_batch(detoks: Sequence["IncrementalDetokenizer"], token_ids: Sequence[int]) -> list[str]:
+        """``step`` for many choices at once: one ``decode_batch`` call per tokenizer and special-token setting
+        instead of one decode per choice (the engine's per-step cost at large batches)."""
+        out = [""] * len(detoks)
+        groups: dict[tuple, list[int]] = {}
+        for i, (d, t) in enumerate(zip(detoks, token_ids)):
+            if not d.stopped:
+                d._push(t)
+                groups.setdefault((id(d._tokenizer), d._skip_special), []).append(i)
+        for idx in groups.values():
+            first = detoks[idx[0]]
+            texts = first._tokenizer.decode_batch([detoks[i]._window for i in idx], first._skip_special)
+            for i, text in zip(idx, texts):
+                out[i] = detoks[i]._advance(text)
+        return out
+
+    def _push(self, token_id: int) -> list[int]:
         self._window.append(int(token_id))
         self._pending += 1
-        text = self._decode(self._window)
+        return self._window
+
+    def _advance(self, text: str) -> str:
+        """The rest of a step, given the decoded window."""
         final_len = len(text.rstrip(REPLACEMENT))
         if final_len == len(text) or self._pending >= _MAX_PENDING:
             final_len = len(text)

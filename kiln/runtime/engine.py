@@ -183,8 +183,9 @@ class Engine:
             from .grammar import GrammarState
 
             grammar = GrammarState(req.grammar)
+        prompt = list(req.prompt_ids) if p.repetition_penalty != 1.0 else ()
         seq.data = {"detok": IncrementalDetokenizer(self.tokenizer, req.prompt_ids, p.stop, p.skip_special_tokens),
-                    "gen": gen, "grammar": grammar}
+                    "row": SamplingRow(p, gen, prompt), "grammar": grammar}
 
     def abort_request(self, request_id: str) -> None:
         live = self._live.pop(request_id, None)
@@ -246,65 +247,75 @@ class Engine:
             apply_grammar_masks(x, grammars)
         sample_rows = []
         for seq, _, owner, index in entries:
-            params = self._live[owner.request_id].request.params
-            src = seq if seq is not None else owner
-            prompt = src.tokens[:src.prompt_len] if params.repetition_penalty != 1.0 else ()
-            output = src.tokens[src.prompt_len:] if seq is not None and params.has_penalties else ()
+            params = owner.data["row"].params
             if seq is not None:
-                gen = seq.data["gen"]
-            else:  # the child's own generator, as _init_choice would make it
+                row = seq.data["row"]
+                if params.has_penalties:
+                    row.output_ids = seq.tokens[seq.prompt_len:]
+            else:  # a child-to-be: the parent's prompt, and its own generator as _init_choice would make it
                 gen = choice_generator(params.seed, index) if params.seed is not None else None
-            sample_rows.append(SamplingRow(params, gen, prompt, output))
+                row = SamplingRow(params, gen, owner.data["row"].prompt_ids)
+            sample_rows.append(row)
         tokens, logprobs = self.sampler(x, sample_rows)
+        news = []  # (sequence, row) pairs with a new token
         children: dict[int, list[int]] = {}  # parent seq id -> rows of its children
         for j, (seq, _, owner, _) in enumerate(entries):
             if seq is None:
                 children.setdefault(owner.seq_id, []).append(j)
-                continue
-            seq.tokens.append(tokens[j])
-            self._after_token(seq, tokens[j], logprobs[j], touched)
+            else:
+                seq.tokens.append(tokens[j])
+                news.append((seq, j))
         for parent in [owner for seq, _, owner, _ in entries if seq is not None and owner.forks]:
             live = self._live[parent.request_id]
             js = children[parent.seq_id]
             for child, j in zip(self.scheduler.fork(parent, [[tokens[j]] for j in js]), js):
                 self._init_choice(live.request, child)
-                child.data["gen"] = sample_rows[j].generator  # it drew the first token already
+                child.data["row"].generator = sample_rows[j].generator  # it drew the first token already
                 live.seqs.append(child)
-                self._after_token(child, tokens[j], logprobs[j], touched)
-            if parent.index in live.done:  # the parent finished on its first token
-                self.scheduler.finish(parent)
+                news.append((child, j))
+        self._after_tokens(news, tokens, logprobs, touched)
 
-    def _after_token(self, seq: Sequence, token: int, lp, touched: dict) -> None:
-        live = self._live[seq.request_id]
-        touched[seq.request_id] = live
-        self.scheduler.on_token(seq)
-        data = seq.data
-        out = live.news_for(seq.index)
-        out.token_ids.append(token)
-        if out.logprobs is not None:
-            out.logprobs.append(lp)
-        reason = None
-        grammar = data["grammar"]
-        if grammar is not None and not grammar.accept(token):
-            reason = "stop"  # cannot happen with the mask applied; never continue outside the grammar
-        if token in live.stop_ids:
-            reason = "stop"
-        else:
-            out.text += data["detok"].step(token)
-            if data["detok"].stopped:
+    def _after_tokens(self, news: list[tuple[Sequence, int]], tokens: list[int], logprobs: list, touched: dict) -> None:
+        """Record each sequence's new token, detokenize them together, and apply the stop conditions."""
+        reasons: list[str | None] = [None] * len(news)
+        outs, text_rows = [], []
+        for k, (seq, j) in enumerate(news):
+            token = tokens[j]
+            live = touched[seq.request_id] = self._live[seq.request_id]
+            self.scheduler.on_token(seq)
+            out = live.news_for(seq.index)
+            outs.append(out)
+            out.token_ids.append(token)
+            if out.logprobs is not None:
+                out.logprobs.append(logprobs[j])
+            grammar = seq.data["grammar"]
+            if grammar is not None and not grammar.accept(token):
+                reasons[k] = "stop"  # cannot happen with the mask applied; never continue outside the grammar
+            if token in live.stop_ids:
+                reasons[k] = "stop"  # a stop token's text is not part of the output
+            else:
+                text_rows.append(k)
+        detoks = [news[k][0].data["detok"] for k in text_rows]
+        for k, d, text in zip(text_rows, detoks, IncrementalDetokenizer.step_batch(detoks, [tokens[news[k][1]]
+                                                                                          for k in text_rows])):
+            outs[k].text += text
+            if d.stopped:
+                reasons[k] = "stop"
+        for k, (seq, _) in enumerate(news):
+            reason = reasons[k]
+            grammar = seq.data["grammar"]
+            if reason is None and grammar is not None and grammar.terminated:
                 reason = "stop"
-        if reason is None and grammar is not None and grammar.terminated:
-            reason = "stop"
-        if reason is None and (seq.num_generated >= seq.max_tokens or len(seq.tokens) >= self.spec.context_len):
-            reason = "length"
-        if reason is not None:
-            if not data["detok"].stopped:
-                out.text += data["detok"].flush()
-            out.finish_reason = reason
-            live.done.add(seq.index)
+            if reason is None and (seq.num_generated >= seq.max_tokens or len(seq.tokens) >= self.spec.context_len):
+                reason = "length"
+            if reason is None:
+                continue
+            detok = seq.data["detok"]
+            if not detok.stopped:
+                outs[k].text += detok.flush()
+            outs[k].finish_reason = reason
+            self._live[seq.request_id].done.add(seq.index)
             self.finished_by_reason[reason] = self.finished_by_reason.get(reason, 0) + 1
-            if seq.forks:  # finished on its first token: its children still have to be forked
-                return
             self.scheduler.finish(seq)
 
     def _output(self, live: _Live, finished: bool) -> RequestOutput:

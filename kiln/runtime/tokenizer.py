@@ -34,6 +34,10 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def decode_batch(self, id_lists: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
+        """``decode`` of several id lists in one call (the serving engine's detokenization of a whole batch)."""
+        return self._tok.decode_batch(id_lists, skip_special_tokens=skip_special_tokens)
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 

@@ -315,3 +315,21 @@ def test_tokenizer_helpers(demo):
     assert demo.decode_token(demo.token_to_id("<|end|>")) == "<|end|>"
     assert demo.decode_token(demo.encode("🎉")[0]) == FFFD  # a partial character
     assert demo.id_to_token(10**6) is None
+
+
+def test_step_batch_equals_step(demo, spm):
+    """The engine's batched path gives each choice exactly what its own step() would, across tokenizers,
+    skip_special_tokens settings and stop strings, including choices that stop midway."""
+    seqs = random_sequences(demo, 12, seed=5)
+    cases = [(demo if i % 3 else spm, prompt, out, ("e", "\n") if i % 4 == 0 else (), i % 2 == 0)
+             for i, (_, prompt, out) in enumerate(seqs)]
+    cases = [(tok, [t % tok.vocab_size for t in prompt], [t % tok.vocab_size for t in out], stop, skip)
+             for tok, prompt, out, stop, skip in cases]
+    one = [IncrementalDetokenizer(tok, prompt, stop, skip) for tok, prompt, _, stop, skip in cases]
+    many = [IncrementalDetokenizer(tok, prompt, stop, skip) for tok, prompt, _, stop, skip in cases]
+    for k in range(max(len(c[2]) for c in cases)):
+        live = [i for i, c in enumerate(cases) if k < len(c[2])]
+        got = IncrementalDetokenizer.step_batch([many[i] for i in live], [cases[i][2][k] for i in live])
+        assert got == [one[i].step(cases[i][2][k]) for i in live]
+    assert [d.text + d.flush() for d in many] == [d.text + d.flush() for d in one]
+    assert any(d.stopped for d in many)

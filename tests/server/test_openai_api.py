@@ -201,3 +201,24 @@ def test_api_key(server):
     wrong = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         wrong.completions.create(model=server.model, prompt=PROMPT, max_tokens=2)
+
+
+def test_shared_prefix_is_not_recomputed(client, server):
+    """A second request sharing a 200-token prefix with a finished one computes only its new tokens,
+    read from /metrics."""
+    from live_server import metrics
+
+    tok = server.engine.engine.tokenizer
+    shared = tok.encode(open(__file__).read())[:200]
+    first = shared + tok.encode("\nx = 1")
+    second = shared + tok.encode("\nclass Settings:")
+    client.completions.create(model=server.model, prompt=first, max_tokens=4, temperature=0)
+    before = metrics(server.url)
+    out = client.completions.create(model=server.model, prompt=second, max_tokens=4, temperature=0)
+    after = metrics(server.url)
+    common = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+    assert common >= 200
+    computed = after["kiln_prefill_tokens_computed_total"] - before["kiln_prefill_tokens_computed_total"]
+    assert computed == len(second) - common
+    assert out.usage.prompt_tokens_details.cached_tokens == common
+    assert after["kiln_prefix_cache_hit_tokens_total"] - before["kiln_prefix_cache_hit_tokens_total"] == common
