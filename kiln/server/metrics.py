@@ -38,6 +38,10 @@ class _EngineCollector(Collector):
             ("kiln_kv_pages_used", "KV cache pages in use (running requests and the prefix cache)",
              s.kv_pages_total - s.kv_pages_free),
             ("kiln_kv_pages_cached", "KV cache pages held only by the prefix cache", s.kv_pages_cached),
+            ("kiln_kv_sequences", "Sequences in the KV cache (running requests and prefix-cache entries)",
+             s.kv_sequences),
+            ("kiln_prefix_cache_sequences", "Finished sequences the prefix cache keeps in the KV cache",
+             s.cached_sequences),
         ]
         for name, doc, value in gauges:
             yield GaugeMetricFamily(name, doc, value=value)

@@ -70,12 +70,14 @@ def metrics(base_url: str) -> dict[str, float]:
 
 
 def wait_for_idle(base_url: str, timeout: float = 30.0) -> dict[str, float]:
-    """Poll /metrics until nothing runs or waits and every used KV page is one the prefix cache keeps."""
+    """Poll /metrics until nothing runs or waits and every KV sequence left (so every used page) is one the
+    prefix cache keeps: a leaked request would stay in kiln_kv_sequences."""
     deadline = time.monotonic() + timeout
     while True:
         m = metrics(base_url)
         if (m["kiln_num_requests_running"] == 0 and m["kiln_num_requests_waiting"] == 0
-                and m["kiln_kv_pages_used"] == m["kiln_kv_pages_cached"]):
+                and m["kiln_kv_pages_used"] == m["kiln_kv_pages_cached"]
+                and m["kiln_kv_sequences"] == m["kiln_prefix_cache_sequences"]):
             return m
         assert time.monotonic() < deadline, f"the engine did not go idle: {m}"
         time.sleep(0.1)
