@@ -70,7 +70,8 @@ class TVMPagedKVCache:
         self.config = config
         self.handle = vm["create_paged_kv_cache"](S([config.max_num_seqs]), S([config.max_total_tokens]),
                                                    S([config.prefill_chunk_size]), S([config.page_size]), S([0]))
-        self._shape = S
+        new_shape = global_func("ffi.Shape")  # tvm_ffi.Shape checks each element's type: 10x dearer per step
+        self._shape = lambda xs: new_shape(*xs)
         self._add = global_func("vm.builtin.kv_state_add_sequence")
         self._remove = global_func("vm.builtin.kv_state_remove_sequence")
         self._fork = global_func("vm.builtin.kv_state_fork_sequence")

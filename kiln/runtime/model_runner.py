@@ -123,7 +123,9 @@ class ModelRunner:
             import torch
 
             return torch.from_dlpack(t).cpu().numpy()
-        return np.from_dlpack(t).copy()
+        # A view, no copy: the array keeps the VM's output tensor alive, and the VM allocates each call's
+        # outputs afresh, so the next step cannot write into it.
+        return np.from_dlpack(t)
 
     def forward(self, seq_ids: list[int], token_lists: list[list[int]]) -> np.ndarray:
         """Append ``token_lists[i]`` to sequence ``seq_ids[i]``; return logits [b, V] float32 of each last token."""

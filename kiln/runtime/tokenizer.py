@@ -23,6 +23,7 @@ class Tokenizer:
         self.config = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
         template = directory / "chat_template.jinja"
         self.chat_template = self.config.get("chat_template") or (template.read_text() if template.exists() else None)
+        self._token_bytes: dict[bool, list[bytes] | None] = {}
 
     @property
     def vocab_size(self) -> int:
@@ -54,6 +55,37 @@ class Tokenizer:
         """The ids of special tokens (``<s>``, ``<|end|>``, ...): the ones ``skip_special_tokens`` leaves out."""
         return frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
 
+    def token_bytes(self, skip_special_tokens: bool = True) -> list[bytes] | None:
+        """Each token's bytes, where ``decode(ids)`` is exactly the UTF-8 (lossy) decoding of the
+        concatenated bytes: a byte-level BPE (``ByteLevel`` decoder) — GPT-2, Llama 3, Qwen, the demo model.
+        None for any other tokenizer (SentencePiece ``▁`` handling, byte-fallback runs, cleanup), whose
+        text depends on the neighbouring tokens. Skipped special tokens have no bytes. Checked against
+        ``decode`` token by token when built; any disagreement turns the table off."""
+        key = bool(skip_special_tokens)
+        if key not in self._token_bytes:
+            self._token_bytes[key] = self._build_token_bytes(key)
+        return self._token_bytes[key]
+
+    def _build_token_bytes(self, skip: bool) -> list[bytes] | None:
+        decoder = json.loads(self._tok.to_str()).get("decoder") or {}
+        if decoder.get("type") != "ByteLevel":
+            return None
+        to_byte = {c: b for b, c in _byte_level_chars().items()}
+        special = self.special_token_ids
+        table = []
+        for i in range(self.vocab_size):
+            piece = self._tok.id_to_token(i)
+            if piece is None or (skip and i in special):
+                table.append(b"")
+            elif all(c in to_byte for c in piece):
+                table.append(bytes(to_byte[c] for c in piece))
+            else:  # an added token spelt outside the byte alphabet decodes as its own text
+                table.append(piece.encode())
+        ids = [[i] for i in range(self.vocab_size)]
+        if [t.decode(errors="replace") for t in table] != self._tok.decode_batch(ids, skip_special_tokens=skip):
+            return None
+        return table
+
     @property
     def eos_token_id(self) -> int | None:
         """The id of ``tokenizer_config.json``'s ``eos_token``, None where it names none."""
@@ -61,3 +93,16 @@ class Tokenizer:
         if isinstance(eos, dict):  # older configs store an AddedToken as a dict
             eos = eos.get("content")
         return self._tok.token_to_id(eos) if isinstance(eos, str) else None
+
+
+def _byte_level_chars() -> dict[int, str]:
+    """The byte-level BPE alphabet: each byte's printable stand-in. Bytes that are printable Latin-1
+    (``!``..``~``, ``¡``..``¬``, ``®``..``ÿ``) stand for themselves; the other 68 take the code points from
+    256 up, in byte order (so the space 0x20 is ``Ġ`` U+0120)."""
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    out, extra = {b: chr(b) for b in keep}, 256
+    for b in range(256):
+        if b not in out:
+            out[b] = chr(extra)
+            extra += 1
+    return out

@@ -1,7 +1,8 @@
 """kiln.runtime.detokenizer: streamed text equals ``tokenizer.decode`` of the output (cut at a stop string),
 never shows half a character or a pending stop string, and costs the same per step however long the output.
 
-Tokenizers: the bundled demo model's byte-level BPE, and a tiny SentencePiece-style BPE with byte fallback
+Tokenizers: the bundled demo model's byte-level BPE — through its byte table (the fast path) and, with the
+table turned off, through the decode window every other tokenizer takes — and a tiny SentencePiece-style BPE with byte fallback
 built here (its decoder renders a run of byte tokens as a whole and strips the first leading space).
 """
 
@@ -27,9 +28,23 @@ TEXTS = [
 ]
 
 
+class WindowOnly(Tokenizer):
+    """The demo tokenizer with its byte table turned off: the detokenizer's general path."""
+
+    def token_bytes(self, skip_special_tokens=True):
+        return None
+
+
+@pytest.fixture(scope="module", params=["bytes", "window"])
+def demo(request) -> Tokenizer:
+    tok = (Tokenizer if request.param == "bytes" else WindowOnly)(DEMO_MODEL)
+    assert (tok.token_bytes() is not None) == (request.param == "bytes")
+    return tok
+
+
 @pytest.fixture(scope="module")
-def demo() -> Tokenizer:
-    return Tokenizer(DEMO_MODEL)
+def demo_window() -> Tokenizer:
+    return WindowOnly(DEMO_MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +130,11 @@ def test_random_outputs_concatenate_to_decode(demo, skip_special_tokens):
         pieces, rest, d = stream(demo, prompt, out, skip_special_tokens=skip_special_tokens)
         full = demo.decode(out, skip_special_tokens=skip_special_tokens)
         assert "".join(pieces) + rest == full == d.text, (prompt, out)
-        # no piece ends inside a character: a trailing U+FFFD is always held to the next step or the flush
-        assert not any(p.endswith(FFFD) for p in pieces), (prompt, out, pieces)
+        # no piece ends inside a character: what is out so far is always final text
+        for k in range(len(pieces)):
+            assert full.startswith("".join(pieces[:k + 1])), (prompt, out, pieces)
+        if isinstance(demo, WindowOnly):  # the window cannot tell a bad byte from a start: it holds both
+            assert not any(p.endswith(FFFD) for p in pieces), (prompt, out, pieces)
         if kind == 2:
             assert FFFD not in full and rest == ""
 
@@ -223,12 +241,16 @@ class CountingTokenizer:
     def __init__(self, tok: Tokenizer):
         self.tok, self.lengths = tok, []
 
+    def token_bytes(self, skip_special_tokens=True):
+        return None
+
     def decode(self, ids, skip_special_tokens=True):
         self.lengths.append(len(ids))
         return self.tok.decode(ids, skip_special_tokens)
 
 
-def test_window_stays_bounded(demo):
+def test_window_stays_bounded(demo_window):
+    demo = demo_window
     rng = np.random.default_rng(0)
     text = " ".join(TEXTS) * 20
     ids = demo.encode(text)
@@ -244,8 +266,9 @@ def test_window_stays_bounded(demo):
         assert d.text == demo.decode(out)
 
 
-def test_long_invalid_tail_is_released(demo):
+def test_long_invalid_tail_is_released(demo_window):
     """Lead bytes that never complete: after 8 tokens the tail goes out as U+FFFD (the window stays bounded)."""
+    demo = demo_window
     lead = demo.token_to_id("ä")  # the byte 0xE4, which starts a 3-byte character
     d = IncrementalDetokenizer(demo, [])
     pieces = [d.step(lead) for _ in range(10)]
@@ -273,6 +296,7 @@ def test_benchmark_per_step_cost(demo):
 
 
 def test_byte_fallback_multibyte(spm):
+    assert spm.token_bytes() is None  # its text depends on the neighbours: the window path
     for text in ["héllo 世界 🎉", "hello world", "naïve 日本 👩‍👩‍👧 ok"]:
         ids = spm.encode(text)
         assert spm.decode(ids) == text
@@ -315,6 +339,30 @@ def test_tokenizer_helpers(demo):
     assert demo.decode_token(demo.token_to_id("<|end|>")) == "<|end|>"
     assert demo.decode_token(demo.encode("🎉")[0]) == FFFD  # a partial character
     assert demo.id_to_token(10**6) is None
+
+
+def test_token_bytes():
+    """The byte table: a byte-level BPE's tokens as bytes (special ones empty when skipped), checked against
+    decode; None for a tokenizer whose text depends on neighbouring tokens."""
+    demo = Tokenizer(DEMO_MODEL)
+    table, raw = demo.token_bytes(True), demo.token_bytes(False)
+    assert len(table) == len(raw) == demo.vocab_size
+    assert table[demo.token_to_id("<|end|>")] == b"" and raw[demo.token_to_id("<|end|>")] == b"<|end|>"
+    assert table[demo.encode(" return")[0]] == b" return"
+    ids = demo.encode("".join(TEXTS))
+    assert b"".join(table[i] for i in ids).decode() == "".join(TEXTS)
+    assert any(len(b) == 1 and b[0] >= 0x80 for b in table)  # lone bytes of multi-byte characters
+
+
+def test_byte_path_bad_bytes_go_out_at_once():
+    """A byte that can never start a character is final at once (the window path must wait a token)."""
+    demo = Tokenizer(DEMO_MODEL)
+    table = demo.token_bytes()
+    bad = next(i for i, b in enumerate(table) if b == b"\xff")
+    lead = next(i for i, b in enumerate(table) if b == b"\xe4")
+    d = IncrementalDetokenizer(demo, [])
+    assert d.step(bad) == FFFD and d.step(lead) == "" and d.step(lead) == FFFD
+    assert d.flush() == FFFD and d.text == demo.decode([bad, lead, lead]) == FFFD * 3
 
 
 def test_step_batch_equals_step(demo, spm):

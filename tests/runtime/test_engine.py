@@ -248,3 +248,21 @@ def test_json_schema_output_validates(engine):
     assert {c.finish_reason for o in got for c in o.outputs} - {None} == {"stop"}
     with pytest.raises(RequestError):
         engine.compile_grammar(ResponseFormat.from_openai({"type": "regex", "regex": "("}))
+
+
+def test_logits_of_a_step_survive_the_next(engine):
+    """The runner hands back the VM's output tensor without copying it (CPU): a later step must not write
+    into an earlier step's logits."""
+    runner, kv = engine.runner, engine.kv
+    a, b = 10_001, 10_002
+    kv.add_sequence(a)
+    kv.add_sequence(b)
+    try:
+        first = runner.forward([a], [[5, 6, 7, 8]])
+        kept = first.copy()
+        runner.forward([b], [[9, 10, 11, 12, 13, 14]])
+        runner.forward([a, b], [[20], [21]])
+        assert (first == kept).all()
+    finally:
+        kv.remove_sequence(a)
+        kv.remove_sequence(b)
