@@ -1,7 +1,7 @@
 """Lower a serving-form module to a target and export it as one shared library.
 
 The CPU pipeline is TVM's generic one (legalize, fuse, lower). The CUDA pipeline adds dlight
-schedules for every kernel; it must run where TVM's CUDA runtime loaded (kiln/ir/tvm.py preloads a
+schedules for every kernel, kiln's tensor-core matmul rule first (cuda_matmul.py); it must run where TVM's CUDA runtime loaded (kiln/ir/tvm.py preloads a
 stub driver on GPU-less hosts) so that nvcc turns the kernels into a fatbin of machine code for the
 arch; a build that would embed CUDA source instead is refused.
 """
@@ -14,6 +14,9 @@ from pathlib import Path
 from ..errors import TargetError
 from ..ir.tvm import cuda_runtime_loaded, dlight, relax, tvm
 from .cpu_schedule import ScheduleCPUMatmul
+from .cuda_matmul import PASS_CONFIG as MMA_PASS_CONFIG
+from .cuda_matmul import TIR_PIPELINE as MMA_TIR_PIPELINE
+from .cuda_matmul import MatmulMMA
 from .targets import TargetSpec
 
 
@@ -26,7 +29,8 @@ def _cuda_pipeline(target):
             relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),
             relax.transform.DeadCodeElimination(),
-            dlight.ApplyDefaultSchedule(dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
+            # prefill matmuls: kiln's ldmatrix + mma.sync + cp.async rule, else dlight's (WMMA or SIMT)
+            dlight.ApplyDefaultSchedule(MatmulMMA(), dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
                                         dlight.gpu.GeneralReduction(), dlight.gpu.Fallback()),
             relax.transform.RewriteDataflowReshape(), relax.transform.ToNonDataflow(),
             relax.transform.RemovePurityChecking(), relax.transform.CallTIRRewrite(),
@@ -68,8 +72,8 @@ def build(mod, target: TargetSpec):
         if not cuda_runtime_loaded():
             raise TargetError("TVM's CUDA runtime did not load, so the build would hold CUDA source instead of "
                               "machine code; install a C compiler (for the stub driver) or a CUDA driver")
-        with tt:
-            return tvm.compile(mod, target=tt, relax_pipeline=_cuda_pipeline(tt))
+        with tt, tvm.transform.PassContext(opt_level=3, config=MMA_PASS_CONFIG):
+            return tvm.compile(mod, target=tt, relax_pipeline=_cuda_pipeline(tt), tir_pipeline=MMA_TIR_PIPELINE)
     return tvm.compile(mod, target=tt, relax_pipeline=_cpu_pipeline(tt))
 
 

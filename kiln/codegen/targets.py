@@ -17,18 +17,18 @@ from ..errors import TargetError
 @dataclass(frozen=True)
 class CudaArch:
     arch: str
-    max_shared_memory_per_block: int  # what dlight may assume without opting in to more
+    max_shared_memory_per_block: int  # bytes a block may use with the opt-in (TVM's runtime sets the attribute)
     gpus: str  # which GPUs, for humans
 
 
 CUDA_ARCHS: dict[str, CudaArch] = {
     a.arch: a
     for a in (
-        CudaArch("sm_80", 49152, "A100, A30"),
-        CudaArch("sm_86", 49152, "A10, A40, RTX 30xx"),
-        CudaArch("sm_89", 49152, "L4, L40, RTX 40xx"),
-        CudaArch("sm_90", 49152, "H100, H200, GH200"),
-        CudaArch("sm_90a", 49152, "H100, H200, GH200 (arch-specific features: wgmma, TMA)"),
+        CudaArch("sm_80", 166912, "A100, A30"),  # 163 KiB
+        CudaArch("sm_86", 101376, "A10, A40, RTX 30xx"),  # 99 KiB
+        CudaArch("sm_89", 101376, "L4, L40, RTX 40xx"),
+        CudaArch("sm_90", 232448, "H100, H200, GH200"),  # 227 KiB
+        CudaArch("sm_90a", 232448, "H100, H200, GH200 (arch-specific features: wgmma, TMA)"),
     )
 }
 

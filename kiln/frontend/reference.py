@@ -56,7 +56,13 @@ def build_reference(spec: ModelSpec) -> IRModule:
                  for i, name in enumerate(names)}
 
             def linear(x, weight, bias=None):  # x: [n, in], weight: [out, in] (HF layout)
-                y = bb.emit(relax.op.matmul(x, relax.op.permute_dims(w[weight])))
+                # half-precision weights accumulate in fp32, as cuBLAS does for transformers (tensor cores
+                # take fp16/bf16 in and fp32 out at the same speed); the result is rounded back once
+                wt = relax.op.permute_dims(w[weight])
+                if dt in ("float16", "bfloat16"):
+                    y = bb.emit(relax.op.astype(bb.emit(relax.op.matmul(x, wt, out_dtype="float32")), dt))
+                else:
+                    y = bb.emit(relax.op.matmul(x, wt))
                 return bb.emit(relax.op.add(y, w[bias])) if bias else y
 
             def norm(x, weight):

@@ -166,6 +166,9 @@ def test_cuobjdump_sees_sass_for_the_arch(cuda_artifact, tmp_path):
     functions = set(re.findall(r"Function : (\S+)", sass.stdout))
     assert set(KV_KERNELS) <= functions
     assert re.search(r"/\*0000\*/\s+[A-Z]", sass.stdout)  # real instructions
+    if cuda_artifact[1] == "float16":
+        # the prefill gate/up matmul (N = 2 x 128, K = 64) goes through kiln's mma.sync rule with cp.async
+        assert re.search(r"\bHMMA\.16816\.F32\b", sass.stdout) and re.search(r"\bLDGSTS\b", sass.stdout)
 
 
 @needs_nvcc
