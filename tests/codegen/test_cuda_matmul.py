@@ -1,6 +1,6 @@
 """kiln/codegen/cuda_matmul.py: the tensor-core GEMM rule, compiled for sm_80 and sm_90 without a GPU.
 
-A prefill-shaped GEMM ``[seq_len, 4096] x [4096, 4096]^T`` (fp16 in, fp32 accumulate, fp16 out, symbolic
+A prefill-shaped GEMM ``[seq_len, 4096] x [4096, 4096]^T`` (fp16 or bf16 in, fp32 accumulate, symbolic
 seq_len) is scheduled by ``MatmulMMA`` and built through nvcc in a subprocess with TVM_KERNEL_DUMP, which
 keeps the generated CUDA, PTX and cubin. The PTX must hold ``mma.sync.aligned.m16n8k16`` with fp32
 accumulation, ``ldmatrix`` and ``cp.async``; the cubin's SASS (cuobjdump) must hold HMMA, LDSM and LDGSTS.
@@ -59,18 +59,24 @@ def build_gemm(arch: str, m: str, dump: Path, dtype: str = "float16") -> bool:
     return json.loads(proc.stdout.split("KILN_GEMM ", 1)[1])["scheduled"]
 
 
-@pytest.fixture(scope="module", params=["sm_80", "sm_90"])
+GEMMS = [("sm_80", "float16"), ("sm_90", "float16"), ("sm_80", "bfloat16"), ("sm_90", "bfloat16")]
+PTX_TYPE = {"float16": "f16", "bfloat16": "bf16"}
+
+
+@pytest.fixture(scope="module", params=GEMMS, ids=[f"{a}-{d}" for a, d in GEMMS])
 def gemm(request, tmp_path_factory):
-    dump = tmp_path_factory.mktemp(f"gemm-{request.param}")
-    assert build_gemm(request.param, "seq_len", dump), "MatmulMMA refused the prefill GEMM"
-    return request.param, dump
+    arch, dtype = request.param
+    dump = tmp_path_factory.mktemp(f"gemm-{arch}-{dtype}")
+    assert build_gemm(arch, "seq_len", dump, dtype), "MatmulMMA refused the prefill GEMM"
+    return arch, dtype, dump
 
 
 def test_ptx_holds_mma_sync_ldmatrix_and_cp_async(gemm):
-    arch, dump = gemm
+    arch, dtype, dump = gemm
     ptx = (dump / "tvm_kernels.ptx").read_text()
     assert f".target {arch}" in ptx
-    mma = re.findall(r"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.f16\.f16\.f32", ptx)
+    t = PTX_TYPE[dtype]
+    mma = re.findall(rf"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.{t}\.{t}\.f32", ptx)
     # block 128x128, 4 warps of 4x4 fragments, 2 k-steps of 16 per stage: 4*4*2 (16x16x16) = 64 per warp-stage,
     # each two m16n8k16 -> 128 per stage, unrolled over the pipeline's prologue/body/epilogue
     assert len(mma) >= 128, len(mma)
@@ -80,15 +86,17 @@ def test_ptx_holds_mma_sync_ldmatrix_and_cp_async(gemm):
 
 
 def test_sass_holds_hmma_ldsm_ldgsts(gemm):
-    arch, dump = gemm
+    arch, dtype, dump = gemm
     tool = find_cuobjdump()
     assert tool is not None, "no cuobjdump next to nvcc, on PATH or in triton"
     sass = subprocess.run([tool, "-sass", str(dump / "tvm_kernels.cubin")], capture_output=True, text=True, timeout=120)
     assert sass.returncode == 0, sass.stderr
     assert f"code for {arch}" in sass.stdout
-    counts = {op: len(re.findall(rf"\b{op}\b", sass.stdout)) for op in ("HMMA.16816.F32", "LDSM", "LDGSTS")}
-    print(f"\n[{arch}] SASS {counts}")
-    assert counts["HMMA.16816.F32"] >= 128 and counts["LDSM"] >= 16 and counts["LDGSTS"] >= 8, counts
+    hmma = "HMMA.16816.F32" + (".BF16" if dtype == "bfloat16" else "")
+    counts = {op: len(re.findall(rf"\b{op}\b", sass.stdout)) for op in ("LDSM", "LDGSTS")}
+    counts[hmma] = len(re.findall(rf"\b{re.escape(hmma)}\s", sass.stdout))  # F32 alone is fp16, F32.BF16 bf16
+    print(f"\n[{arch} {dtype}] SASS {counts}")
+    assert counts[hmma] >= 128 and counts["LDSM"] >= 16 and counts["LDGSTS"] >= 8, counts
     assert not re.search(r"\b(LDL|STL)\b", sass.stdout), "register spills"
 
 
