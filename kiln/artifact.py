@@ -1,10 +1,14 @@
 """The artifact: one directory a user can copy, written by ``kiln compile`` and read by the runtime.
 
-    manifest.json       kiln / TVM / tvm-ffi / ABI versions, target, ModelSpec, parameter order,
-                        compile options and the sha256 of every other file
+    manifest.json       kiln / TVM / tvm-ffi / ABI versions, target, ModelSpec, parameter order and
+                        layout (shape, dtype of each), compile options, whether the weights and a
+                        real tokenizer are included, and the sha256 of every other file
     model.so            the compiled library (VM executable + kernels for the target)
-    params.safetensors  the (transformed) weights, named by kiln parameter name
-    tokenizer.json, tokenizer_config.json, generation_config.json, ...   copied from the checkpoint
+    params.safetensors  the (transformed) weights, named by kiln parameter name; absent when the
+                        model was compiled from its config.json alone ("weights": "none"), in which
+                        case the runtime fills the layout with seeded random weights on request
+    tokenizer.json, tokenizer_config.json, generation_config.json, ...   copied from the checkpoint,
+                        or a placeholder covering the vocabulary ("tokenizer": "placeholder")
 
 Pure Python (no TVM import): the runtime reads it on machines without the TVM compiler. Nothing in
 an artifact is unpickled.
@@ -27,6 +31,8 @@ MANIFEST = "manifest.json"
 LIBRARY = "model.so"
 PARAMS = "params.safetensors"
 FORMAT = "kiln-artifact"
+WEIGHTS = ("included", "none")  # manifest "weights"
+TOKENIZERS = ("included", "placeholder")  # manifest "tokenizer"
 
 
 def sha256(path: Path) -> str:
@@ -68,6 +74,23 @@ class Artifact:
         return list(self.manifest["param_names"])
 
     @property
+    def param_layout(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Parameter name -> (shape, dtype), in the packed order the library's entry points take."""
+        shapes = self.manifest.get("param_shapes")
+        if shapes is None:
+            raise ArtifactError(f"{self.path}'s manifest records no parameter shapes (an older artifact): "
+                                "recompile it with `kiln compile`")
+        return {name: (tuple(int(d) for d in shapes[name][0]), str(shapes[name][1])) for name in self.param_names}
+
+    @property
+    def has_weights(self) -> bool:
+        return self.manifest.get("weights", "included") == "included"
+
+    @property
+    def placeholder_tokenizer(self) -> bool:
+        return self.manifest.get("tokenizer", "included") == "placeholder"
+
+    @property
     def library(self) -> Path:
         return self.path / LIBRARY
 
@@ -79,9 +102,12 @@ class Artifact:
         return {name: (self.path / name).stat().st_size for name in self.manifest["files"]}
 
 
-def write_manifest(path: Path, *, spec: ModelSpec, target: dict, param_names: list[str],
+def write_manifest(path: Path, *, spec: ModelSpec, target: dict,
+                   param_layout: dict[str, tuple[tuple[int, ...], str]], weights: str, tokenizer: str,
                    options: dict[str, Any], tvm_versions: dict[str, str]) -> dict[str, Any]:
+    assert weights in WEIGHTS and tokenizer in TOKENIZERS, (weights, tokenizer)
     files = sorted(p.name for p in path.iterdir() if p.is_file() and p.name != MANIFEST)
+    assert (PARAMS in files) == (weights == "included"), f"{PARAMS} present: {PARAMS in files}, weights {weights}"
     manifest = {
         "format": FORMAT,
         "abi_version": ABI_VERSION,
@@ -90,7 +116,10 @@ def write_manifest(path: Path, *, spec: ModelSpec, target: dict, param_names: li
         "tvm_ffi_version": tvm_versions["tvm_ffi"],
         "target": target,
         "spec": spec.to_json(),
-        "param_names": param_names,
+        "param_names": list(param_layout),
+        "param_shapes": {name: [list(shape), dtype] for name, (shape, dtype) in param_layout.items()},
+        "weights": weights,
+        "tokenizer": tokenizer,
         "options": options,
         "files": {name: sha256(path / name) for name in files},
     }
@@ -121,7 +150,10 @@ def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
             raise ArtifactError(f"{path} was built with TVM {want['tvm']} / tvm-ffi {want['tvm_ffi']}, "
                                 f"installed are {have['tvm']} / {have['tvm_ffi']}: recompile it with `kiln compile`")
         files = manifest.get("files", {})
-        for name in (LIBRARY, PARAMS):
+        weights = manifest.get("weights", "included")
+        if weights not in WEIGHTS:
+            raise ArtifactError(f"{mpath}: unknown \"weights\": {weights!r} (expected one of {', '.join(WEIGHTS)})")
+        for name in (LIBRARY, PARAMS) if weights == "included" else (LIBRARY,):
             if name not in files:
                 raise ArtifactError(f"{path}: the manifest lists no {name}")
         for name, digest in files.items():
@@ -133,6 +165,8 @@ def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
     try:
         art = Artifact(path, manifest)
         art.spec  # noqa: B018  (parse now, fail here rather than later)
-    except (KeyError, TypeError, AssertionError) as e:
+        if "param_shapes" in manifest:
+            art.param_layout  # noqa: B018
+    except (KeyError, TypeError, ValueError, IndexError, AssertionError) as e:
         raise ArtifactError(f"{mpath} is malformed ({e})") from None
     return art

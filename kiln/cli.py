@@ -1,4 +1,4 @@
-"""kiln's command line: compile, generate, inspect, serve, chat.
+"""kiln's command line: compile, generate, inspect, serve, bench, chat.
 
 Errors a user can cause (KilnError) print one line and exit 1, without a traceback.
 """
@@ -69,15 +69,19 @@ def main():
 @click.option("--context-len", type=click.IntRange(min=16), default=None,
               help="longest sequence served; default: the model's max_position_embeddings")
 @click.option("--dump-ir", type=click.Path(path_type=Path), default=None, help="write the module after every pass")
+@click.option("--config-only", is_flag=True,
+              help="compile from config.json alone: no weights are read or stored (run with random weights, "
+                   "for benchmarks); without a tokenizer a placeholder one is written")
 @click.option("-q", "--quiet", is_flag=True)
 @_user_errors
-def compile_cmd(model_dir, out, target, arch, dtype, context_len, dump_ir, quiet):
+def compile_cmd(model_dir, out, target, arch, dtype, context_len, dump_ir, config_only, quiet):
     """Compile a Hugging Face checkpoint directory MODEL_DIR into an artifact."""
     from .compiler import CompileConfig, compile_model
 
     progress = _Progress(quiet)
     report = compile_model(model_dir, out, CompileConfig(target=target, arch=arch, dtype=dtype,
-                                                         context_len=context_len, dump_ir=dump_ir), progress)
+                                                         context_len=context_len, dump_ir=dump_ir,
+                                                         config_only=config_only), progress)
     secs = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())
     click.echo(f"wrote {out} ({report.artifact_bytes / 1e6:.1f} MB; {secs})")
 
@@ -128,6 +132,8 @@ def inspect(artifact, as_json):
         "tvm_version": art.manifest["tvm_version"], "target": art.target, "spec": spec.to_json(),
         "num_params": len(art.param_names), "files": sizes, "total_bytes": sum(sizes.values()),
         "kv_bytes_per_token": spec.kv_bytes_per_token,
+        "weights": "included" if art.has_weights else "none",
+        "tokenizer": "placeholder" if art.placeholder_tokenizer else "included",
     }
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -146,6 +152,10 @@ def inspect(artifact, as_json):
                f"{', tied embeddings' if spec.tie_word_embeddings else ''}")
     click.echo(f"kv cache    {spec.kv_bytes_per_token} bytes per token "
                f"(2 x {spec.num_layers} layers x {spec.num_kv_heads} kv heads x {spec.head_dim} x {spec.dtype_bytes} B)")
+    if not art.has_weights:
+        click.echo("weights     none (compiled from config.json alone): runs only with random weights, for benchmarks")
+    if art.placeholder_tokenizer:
+        click.echo(f"tokenizer   placeholder (byte-level, {spec.vocab_size} ids, no merges): its text is meaningless")
     for name, size in sorted(sizes.items()):
         click.echo(f"  {name:<24} {size / 1e6:9.2f} MB")
     click.echo(f"  {'total':<24} {info['total_bytes'] / 1e6:9.2f} MB")
@@ -221,6 +231,82 @@ def serve(artifact, host, port, api_key, policy, max_num_seqs, max_batched_token
         await task
 
     asyncio.run(run())
+
+
+def _bench_parser(module: str, name: str):
+    """A click callback running ``kiln.bench.<module>.<name>(text)`` (imported when used); its ValueError
+    becomes a one-line usage error (exit code 2)."""
+
+    def callback(ctx, param, value):
+        from importlib import import_module
+
+        if value is None:
+            return None
+        try:
+            return getattr(import_module(f"kiln.bench.{module}"), name)(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+
+    return callback
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--mode", type=click.Choice(["latency", "throughput", "serving", "all"]), default="all",
+              show_default=True)
+@click.option("--batch-sizes", default="1,8,32", show_default=True, metavar="N,N,...",
+              callback=_bench_parser("workload", "parse_positive_ints"), help="latency: batch sizes to time")
+@click.option("--input-len", type=click.IntRange(min=1), default=32, show_default=True, help="latency: prompt tokens")
+@click.option("--output-len", type=click.IntRange(min=1), default=128, show_default=True,
+              help="latency: decode steps timed")
+@click.option("--num-prompts", type=click.IntRange(min=1), default=200, show_default=True,
+              help="throughput, serving: requests (ShareGPT-like lengths)")
+@click.option("--request-rates", default="1,4,16,inf", show_default=True, metavar="RATE,...",
+              callback=_bench_parser("workload", "parse_rates"), help="serving: requests/s (Poisson arrivals)")
+@click.option("--slo", default=None, metavar="KIND:MS,...", callback=_bench_parser("metrics", "parse_slo"),
+              help="serving: goodput counts requests meeting all of ttft:MS,tpot:MS,e2el:MS")
+@click.option("--seed", type=int, default=0, show_default=True, help="prompts, lengths and arrivals")
+@click.option("--max-num-seqs", type=click.IntRange(min=1), default=None,
+              help="sequences running at once (default 64, or the largest batch size)")
+@click.option("--max-batched-tokens", type=click.IntRange(min=1), default=None,
+              help="tokens computed per step (default 512, or the largest batch size)")
+@click.option("--kv-cache-memory", default=None,
+              help="KV cache size: bytes (1000000, 512MiB, 2GiB) or a fraction of device memory (default 0.25)")
+@click.option("--random-weights", type=int, is_flag=False, flag_value=0, default=None, metavar="[SEED]",
+              help="seeded random weights instead of the artifact's (seed 0 when none is given)")
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="write all results as one JSON object")
+@click.option("--plot", "plot_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="write PNG plots into this directory")
+@click.option("--no-progress", is_flag=True, help="no progress bars on stderr")
+@_user_errors
+def bench(artifact, mode, batch_sizes, input_len, output_len, num_prompts, request_rates, slo, seed, max_num_seqs,
+          max_batched_tokens, kv_cache_memory, random_weights, json_path, plot_dir, no_progress):
+    """Benchmark ARTIFACT on the serving engine: offline latency per batch size, offline throughput,
+    online serving at several request rates (TTFT, TPOT, ITL, E2EL, goodput). Summary on stdout."""
+    from .bench import BenchConfig, engine_config, run_bench
+    from .bench.report import summary, write_json
+
+    options = click.get_current_context().params
+    if json_path is not None and not json_path.parent.is_dir():  # fail now, not after the benchmark
+        raise KilnError(f"--json {json_path}: the directory {json_path.parent} does not exist")
+    config = BenchConfig(modes=("latency", "throughput", "serving") if mode == "all" else (mode,),
+                         batch_sizes=tuple(batch_sizes), input_len=input_len, output_len=output_len,
+                         num_prompts=num_prompts, request_rates=tuple(request_rates), slo_ms=slo or {}, seed=seed,
+                         progress=not no_progress)
+    engine_cfg = engine_config(config, max_num_seqs, max_batched_tokens,
+                               None if kv_cache_memory is None else parse_memory(kv_cache_memory), random_weights)
+    result = run_bench(artifact, config, engine_cfg)
+    result["options"] = dict(options)
+    click.echo(summary(result))
+    if json_path is not None:
+        write_json(result, json_path)
+        click.echo(f"wrote {json_path}", err=True)
+    if plot_dir is not None:
+        from .bench.plots import write_plots
+
+        for path in write_plots(result, plot_dir):
+            click.echo(f"wrote {path}", err=True)
 
 
 @main.command()

@@ -1,4 +1,10 @@
-"""The life of a compile: checkpoint -> reference form -> passes -> codegen -> artifact directory."""
+"""The life of a compile: checkpoint -> reference form -> passes -> codegen -> artifact directory.
+
+With ``config_only`` the checkpoint is its config.json alone: the parameter layout comes from the
+ModelSpec, no weight is read, and the artifact holds no params.safetensors (the runtime fills the
+layout with seeded random weights, for benchmarks). A directory without a tokenizer then gets a
+placeholder one covering the vocabulary.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ class CompileConfig:
     arch: str | None = None
     dtype: str | None = None  # None: the checkpoint's dtype
     context_len: int | None = None  # None: the model's max_position_embeddings
+    config_only: bool = False  # compile from config.json alone: no weights in the artifact
     dump_ir: Path | None = None
     keep_reference: bool = False  # keep the dense forward in the library (for self-checks)
 
@@ -33,14 +40,17 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
                   progress: Callable[[str], None] = lambda s: None) -> CompileReport:
     from .codegen.targets import resolve_target
     from .frontend.hf import load_spec, tokenizer_files
+    from .frontend.placeholder_tokenizer import write_placeholder_tokenizer
 
     # Check what the user gave before importing the TVM compiler (seconds): bad input fails fast.
     target = resolve_target(config.target, config.arch)
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").exists())):
         raise KilnError(f"{out} exists and is not a kiln artifact; refusing to overwrite it")
-    load_spec(Path(model_dir), dtype=config.dtype, context_len=config.context_len)
-    tokenizer_files(Path(model_dir))
+    spec = load_spec(Path(model_dir), dtype=config.dtype, context_len=config.context_len)
+    placeholder = config.config_only and not (Path(model_dir) / "tokenizer.json").exists()
+    if not placeholder:
+        tokenizer_files(Path(model_dir))
 
     from .codegen.build import build, export
     from .frontend import import_hf
@@ -55,8 +65,9 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
         report.seconds[name] = round(now - t, 3)
         t = now
 
-    progress("importing the checkpoint")
-    imported = import_hf(model_dir, dtype=config.dtype, context_len=config.context_len)
+    progress("importing the config (no weights)" if config.config_only else "importing the checkpoint")
+    imported = import_hf(model_dir, dtype=config.dtype, context_len=config.context_len,
+                         with_tokenizer=not placeholder, with_weights=not config.config_only)
     lap("import")
     progress("running passes")
     mod = run_pipeline(imported.mod, build_pipeline(target, config.keep_reference), config.dump_ir)
@@ -72,12 +83,18 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
         export(ex, tmp / LIBRARY)
-        save_file(imported.params, str(tmp / PARAMS))
+        if imported.params is not None:
+            save_file(imported.params, str(tmp / PARAMS))
         for f in imported.tokenizer_files:
             shutil.copyfile(f, tmp / f.name)
-        write_manifest(tmp, spec=imported.spec, target=target.describe(), param_names=list(imported.params),
+        if placeholder:
+            write_placeholder_tokenizer(spec, tmp)
+        write_manifest(tmp, spec=imported.spec, target=target.describe(), param_layout=imported.param_layout,
+                       weights="none" if imported.params is None else "included",
+                       tokenizer="placeholder" if placeholder else "included",
                        options={"dtype": imported.spec.dtype, "context_len": imported.spec.context_len,
-                                "quant": None, "source": Path(model_dir).name},
+                                "quant": None, "source": Path(model_dir).name,
+                                "config_only": config.config_only},
                        tvm_versions=installed_tvm_versions())
         for f in tmp.iterdir():
             f.chmod(0o644 if f.suffix != ".so" else 0o755)

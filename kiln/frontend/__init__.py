@@ -13,13 +13,18 @@ from .registry import ARCHITECTURES
 class ImportedModel:
     spec: Any  # ModelSpec
     mod: Any  # tvm IRModule in reference form
-    params: dict[str, Any]  # kiln parameter name -> torch tensor, in packed-tuple order
+    # kiln parameter name -> (shape, dtype), in packed-tuple order: the artifact's parameter layout
+    param_layout: dict[str, tuple[tuple[int, ...], str]]
+    params: dict[str, Any] | None  # name -> torch tensor in layout order; None when compiled from config.json alone
     tokenizer_files: list[Path] = field(default_factory=list)
 
 
 def import_hf(model_dir: str | Path, dtype: str | None = None, context_len: int | None = None,
-              with_tokenizer: bool = True) -> ImportedModel:
-    """Load a Hugging Face checkpoint directory into kiln's reference form."""
+              with_tokenizer: bool = True, with_weights: bool = True) -> ImportedModel:
+    """Load a Hugging Face checkpoint directory into kiln's reference form.
+
+    ``with_weights=False`` reads config.json alone: the parameter layout comes from the ModelSpec and
+    no weight file is opened (a model shape can be compiled without its weights)."""
     from .hf import load_spec, load_weights, tokenizer_files
     from .reference import build_reference, param_shapes
 
@@ -27,8 +32,12 @@ def import_hf(model_dir: str | Path, dtype: str | None = None, context_len: int 
     spec = load_spec(model_dir, dtype=dtype, context_len=context_len)
     toks = tokenizer_files(model_dir) if with_tokenizer else []
     shapes = param_shapes(spec)
-    params = load_weights(model_dir, spec, shapes)
-    return ImportedModel(spec, build_reference(spec), {k: params[k] for k in shapes}, toks)
+    layout = {name: (shape, spec.dtype) for name, shape in shapes.items()}
+    params = None
+    if with_weights:
+        loaded = load_weights(model_dir, spec, shapes)
+        params = {k: loaded[k] for k in shapes}
+    return ImportedModel(spec, build_reference(spec), layout, params, toks)
 
 
 __all__ = ["ARCHITECTURES", "ImportedModel", "import_hf"]

@@ -42,6 +42,7 @@ class EngineConfig:
     prefix_cache: bool = True
     device: str | None = None
     page_size: int = 16
+    random_weights: int | None = None  # a seed: seeded random weights in the artifact's layout (benchmarks)
 
     def __post_init__(self):
         if self.max_num_seqs < 1:
@@ -116,7 +117,7 @@ class Engine:
         self.model_name = self.artifact.path.name
         device = config.device or self.artifact.target["device"]
         kv_cfg = kv_cache_config(self.spec, config, device)
-        self.runner = ModelRunner(self.artifact, device, kv_cfg)
+        self.runner = ModelRunner(self.artifact, device, kv_cfg, random_weights=config.random_weights)
         self.kv = self.runner.kv
         self.kv_pages_total = self.kv.num_free_pages
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=config.max_num_seqs,

@@ -1,5 +1,9 @@
 """The model runner: load an artifact's library and weights, execute one forward step on the VM.
 
+Weights come from the artifact's params.safetensors, or, with ``random_weights=SEED``, are created
+on the device from a seeded generator in the artifact's own parameter layout (never reading the
+file): an artifact compiled from config.json alone runs that way, for benchmarks.
+
 No policy here: the caller (kiln/runtime/llm.py now, kiln/scheduler later) decides which sequences
 run and with how many tokens; the runner prepares host inputs (``prepare_step``, pure NumPy and
 CPU-testable), calls the right entry point and returns one row of logits per sequence.
@@ -61,11 +65,38 @@ def _check_cpu_flags(artifact: Artifact) -> None:
                             f"this machine lacks ({', '.join(sorted(need - have))}); recompile with a lower --arch")
 
 
+RANDOM_STD = 0.02  # transformers' initializer_range: activations and logits stay well inside fp16's range
+
+
+def random_parameter(name: str, shape: tuple[int, ...], dtype: str, generator, device: str):
+    """One parameter of seeded random values, created on ``device``: ones for a norm weight (so every
+    layer passes its input on at unit scale), normal(0, RANDOM_STD) for any other float tensor (biases
+    too), uniform integers across an integer dtype's range (packed quantized weights)."""
+    import torch
+
+    dt = getattr(torch, dtype, None)
+    if isinstance(dt, torch.dtype) and dt.is_floating_point and dt.itemsize >= 2:
+        if len(shape) == 1 and name.rsplit(".", 1)[-1].endswith("norm"):
+            return torch.ones(shape, dtype=dt, device=device)
+        return torch.empty(shape, dtype=dt, device=device).normal_(0.0, RANDOM_STD, generator=generator)
+    if isinstance(dt, torch.dtype) and dt in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.uint32,
+                                              torch.int64):
+        info = torch.iinfo(dt)
+        via = torch.int64 if dt == torch.uint32 else dt  # CUDA has no random integers of uint32
+        return torch.randint(info.min, info.max, shape, dtype=via, device=device, generator=generator).to(dt)
+    raise ArtifactError(f"parameter {name} has dtype {dtype!r}, for which kiln cannot make random weights")
+
+
 class ModelRunner:
-    def __init__(self, artifact: Artifact, device: str | None = None, kv_config: KVCacheConfig | None = None):
+    def __init__(self, artifact: Artifact, device: str | None = None, kv_config: KVCacheConfig | None = None,
+                 random_weights: int | None = None):
         device = device or artifact.target["device"]
         if device != artifact.target["device"]:
             raise ArtifactError(f"{artifact.path} was compiled for {artifact.target['device']}, not {device}")
+        if random_weights is None and not artifact.has_weights:
+            raise ArtifactError(f"{artifact.path} holds no weights (compiled with --config-only): pass random weights "
+                                "(`kiln bench --random-weights SEED`, EngineConfig(random_weights=SEED) or "
+                                "ModelRunner(..., random_weights=SEED))")
         self.artifact, self.spec, self.device = artifact, artifact.spec, device
         _check_cpu_flags(artifact)
         ffi = load_runtime(device)
@@ -89,7 +120,8 @@ class ModelRunner:
         self._reshape = global_func("vm.builtin.reshape")
         self._inflight: list = []
         self.last_timing = (0.0, 0.0, 0.0)  # seconds of the last forward: input preparation, model, output copy
-        self.params = self._load_params()
+        self.random_weights = random_weights
+        self.params = self._load_params() if random_weights is None else self._random_params(random_weights)
         cfg = kv_config or KVCacheConfig.for_model(self.spec.context_len, self.spec.kv_bytes_per_token)
         if cfg.prefill_chunk_size > cfg.max_total_tokens:
             raise KilnError("prefill_chunk_size must not exceed the KV cache's max_total_tokens")
@@ -108,6 +140,20 @@ class ModelRunner:
         # A fresh torch allocation is (c10 aligns CPU memory to 64 bytes).
         self._keep = [tensors[n].to("cuda") if self.device == "cuda" else torch.empty_like(tensors[n]).copy_(tensors[n])
                       for n in names]
+        if "param_shapes" in self.artifact.manifest:
+            for (name, (shape, dtype)), t in zip(self.artifact.param_layout.items(), self._keep):
+                if tuple(t.shape) != shape or str(t.dtype).removeprefix("torch.") != dtype:
+                    raise ArtifactError(f"{self.artifact.params_file}: {name} is {str(t.dtype)[6:]} {tuple(t.shape)}, "
+                                        f"the manifest says {dtype} {shape}")
+        return [self._ffi.from_dlpack(t) for t in self._keep]
+
+    def _random_params(self, seed: int) -> list:
+        """Every parameter of the artifact's layout, seeded random, made on the device (same seed, same weights)."""
+        import torch
+
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._keep = [random_parameter(name, shape, dtype, generator, self.device)
+                      for name, (shape, dtype) in self.artifact.param_layout.items()]
         return [self._ffi.from_dlpack(t) for t in self._keep]
 
     def _to_device(self, a: np.ndarray):

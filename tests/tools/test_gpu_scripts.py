@@ -1,0 +1,169 @@
+"""tools/gpu: the model-shape configs, and every script of the GPU run made to run here on the CPU with
+tiny sizes, so that the (expensive, short) GPU run does not die of a typo.
+
+The end-to-end test builds a stand-in bundle (``build_bundle.sh --smoke``: the demo model and the two
+shapes shrunk, compiled for the CPU) and runs ``run_all.sh`` over it with ``KILN_GPU_DEVICE=cpu``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kiln.frontend.hf import load_spec
+from kiln.frontend.reference import param_shapes
+
+ROOT = Path(__file__).resolve().parents[2]
+GPU = ROOT / "tools" / "gpu"
+
+
+def load_tool(name: str):
+    """A tools/gpu script as a module (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"tools_gpu_{name}", GPU / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(*cmd, env=None, timeout=600) -> subprocess.CompletedProcess:
+    res = subprocess.run([str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, **(env or {})})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+# -- the shapes ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,layers,hidden,heads,kv,head_dim,ffn,tied,rope,params_b", [
+    ("llama-3.2-1b", 16, 2048, 32, 8, 64, 8192, True, "llama3", 1.236),
+    ("llama-3-8b", 32, 4096, 32, 8, 128, 14336, False, "default", 8.030),
+])
+def test_shape_configs_are_the_published_llamas(name, layers, hidden, heads, kv, head_dim, ffn, tied, rope, params_b):
+    spec = load_spec(GPU / "configs" / name, dtype="float16", context_len=4096)
+    assert (spec.architecture, spec.num_layers, spec.hidden_size, spec.num_q_heads, spec.num_kv_heads, spec.head_dim,
+            spec.intermediate_size, spec.vocab_size) == ("LlamaForCausalLM", layers, hidden, heads, kv, head_dim, ffn,
+                                                         128256)
+    assert spec.tie_word_embeddings is tied and spec.rope.theta == 500000.0 and spec.rope.type == rope
+    assert spec.context_len == 4096 and spec.bos_token_id == 128000 and spec.eos_token_ids == (128001,)
+    if rope == "llama3":
+        assert (spec.rope.factor, spec.rope.low_freq_factor, spec.rope.high_freq_factor,
+                spec.rope.original_max_position_embeddings) == (32.0, 1.0, 4.0, 8192)
+    assert round(sum(math.prod(s) for s in param_shapes(spec).values()) / 1e9, 3) == params_b
+
+
+def test_shell_scripts_parse():
+    for script in ("build_bundle.sh", "run_all.sh"):
+        run("bash", "-n", GPU / script)
+
+
+# -- collect.py (unit) -------------------------------------------------------------------------------------
+
+
+def test_collect_keeps_failures_and_derives_the_bandwidth_fraction(tmp_path):
+    collect = load_tool("collect")
+    work, bundle = tmp_path / "work", tmp_path / "bundle"
+    art = bundle / "artifacts" / "m"
+    work.mkdir()
+    art.mkdir(parents=True)
+    (art / "manifest.json").write_text(json.dumps({
+        "param_shapes": {"a": [[1000, 1000], "float16"], "b": [[1000], "float16"]},
+        "spec": {"num_layers": 2, "num_kv_heads": 2, "head_dim": 4, "dtype": "float16"}}))
+
+    def part(name, rc, result=None, log="ok"):
+        (work / f"{name}.status.json").write_text(json.dumps({"part": name, "rc": rc, "seconds": 1}))
+        (work / f"{name}.log").write_text(log)
+        if result is not None:
+            (work / f"{name}.json").write_text(json.dumps(result))
+
+    part("peaks", 0, {"copy": {"GBps_read_plus_write": 1000.0}, "matmul_bfloat16": {"TFLOPs": 500.0}})
+    part("kiln-m-latency", 0, {"artifact": "m", "artifact_path": str(art), "latency": [
+        {"batch_size": 1, "input_len": 100, "output_len": 20, "decode_tokens_per_s": 250.0,
+         "prefill_tokens_per_s": 9000.0}]})
+    part("hf-m", 0, {"results": {"eager": {"decode_tokens_per_s": 50.0}}, "errors": {}})
+    part("demo", 1, None, log="Traceback ...\nRuntimeError: boom")
+    results, logs = collect.collect(work, bundle)
+    b1 = results["summary"]["kiln-m-latency"]["batch1"]
+    per_token = 2 * (1000 * 1000 + 1000) + (2 * 2 * 2 * 4 * 2) * (100 + 10)
+    assert b1["bytes_per_token"] == per_token
+    assert b1["fraction_of_copy_bandwidth"] == round(250.0 * per_token / 1e9 / 1000.0, 4)
+    assert results["summary"]["hf-m"]["kiln_over_peer"] == {"batch1_over_eager": 5.0}
+    assert "boom" in results["parts"]["demo"]["log_tail"] and "log_tail" not in results["parts"]["peaks"]
+    assert "===== demo" in logs
+
+
+# -- the Python parts on the CPU ---------------------------------------------------------------------------
+
+
+@pytest.mark.cpu
+def test_peaks_small_on_cpu(tmp_path):
+    out = tmp_path / "peaks.json"
+    run(sys.executable, GPU / "peaks.py", "--device", "cpu", "--small", "--out", out)
+    r = json.loads(out.read_text())
+    assert r["errors"] == {}
+    assert r["copy"]["GBps_read_plus_write"] > 0
+    assert r["matmul_bfloat16"]["TFLOPs"] > 0 and r["matmul_float16"]["TFLOPs"] > 0
+
+
+@pytest.mark.cpu
+def test_hf_peers_small_on_cpu(tmp_path):
+    out = tmp_path / "hf.json"
+    run(sys.executable, GPU / "hf_peers.py", "--small", "--device", "cpu", "--compile-backend", "eager",
+        "--batches", "2", "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1",
+        "--skip", "continuous_batching", "--out", out)
+    r = json.loads(out.read_text())
+    assert r["errors"] == {}, r["errors"]
+    assert set(r["results"]) == {"eager", "static_compile", "batched"}
+    assert r["results"]["batched"]["2"]["batch"] == 2
+    assert r["num_params"] > 0
+
+
+@pytest.mark.cpu
+@pytest.mark.slow
+def test_hf_peers_continuous_batching_on_cpu(tmp_path):
+    out = tmp_path / "hf.json"
+    run(sys.executable, GPU / "hf_peers.py", "--small", "--device", "cpu", "--batches", "2", "--prompt-len", "8",
+        "--new-tokens", "4", "--skip", "eager", "static_compile", "batched", "--out", out)
+    r = json.loads(out.read_text())
+    assert r["errors"] == {}, r["errors"]
+    assert r["results"]["continuous_batching"]["output_tokens"] == 2 * 4
+
+
+@pytest.mark.cpu
+@pytest.mark.slow
+def test_run_all_on_a_cpu_smoke_bundle(tmp_path):
+    """build_bundle.sh --smoke, then run_all.sh over it: every part runs, results come back in one
+    results.json, and $OUT stays within what a GPU call returns (8 files, 2 folders deep, plain names)."""
+    bundle, out = tmp_path / "bundle", tmp_path / "out"
+    env = {"PYTHON": sys.executable}
+    run("bash", GPU / "build_bundle.sh", "--smoke", bundle, env=env)
+    record = json.loads((bundle / "bundle.json").read_text())
+    assert record["artifacts"]["llama-3-8b"]["weights"] == "none"
+    assert record["artifacts"]["llama-3-8b"]["tokenizer"] == "placeholder"
+    assert record["artifacts"]["demo"]["weights"] == "included"
+    res = run("bash", GPU / "run_all.sh", "peaks", "demo", "kiln", "hf", "serving", timeout=900,
+              env={**env, "OUT": str(out), "KILN_GPU_BUNDLE": str(bundle), "KILN_GPU_DEVICE": "cpu",
+                   "KILN_GPU_SMALL": "1"})
+    results = json.loads((out / "results.json").read_text())
+    parts = results["parts"]
+    assert len(parts) == 12, list(parts)
+    for name, p in parts.items():
+        assert p["status"]["rc"] == 0, (name, p.get("log_tail"))
+    assert results["summary"]["demo_greedy_match"]["match"] is True
+    assert results["summary"]["kiln-llama-3-8b-latency"]["batch1"]["fraction_of_copy_bandwidth"] > 0
+    assert parts["kiln-llama-3.2-1b-serving"]["result"]["serving"]
+    assert parts["hf-llama-3-8b"]["result"]["results"]["eager"]["decode_tokens_per_s"] > 0
+    assert "exit 0" in res.stdout
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8, files
+    for f in files:
+        rel = f.relative_to(out)
+        assert len(rel.parts) <= 3 and all(re.fullmatch(r"[A-Za-z0-9._-]+", s) for s in rel.parts), rel

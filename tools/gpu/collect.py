@@ -1,0 +1,144 @@
+"""Gather the parts of a GPU run (tools/gpu/run_all.sh) into one results.json and one logs.txt.
+
+    python tools/gpu/collect.py WORK_DIR OUT_DIR [--bundle gpu_bundle]
+
+WORK_DIR holds, per part, ``NAME.status.json`` (written by run_all.sh: exit status, seconds, timed
+out or skipped), ``NAME.json`` (the part's own result, if it wrote one) and ``NAME.log``. A part that
+failed keeps the end of its log in results.json, so nothing is lost to one failure. The summary
+derives the table numbers of BENCHMARKS.md that need more than one part: batch-1 decode's bytes per
+token (weights from the artifact's manifest + the KV cache read at the mean context) over the
+measured copy bandwidth. Standard library only: it must run even where nothing else does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int32": 4, "uint32": 4}
+LOG_TAIL = 4000
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def weight_bytes(artifact: Path) -> int | None:
+    manifest = _read_json(artifact / "manifest.json")
+    if not manifest or "param_shapes" not in manifest:
+        return None
+    return sum(math.prod(shape) * DTYPE_BYTES.get(dtype, 2) for shape, dtype in manifest["param_shapes"].values())
+
+
+def kv_bytes_per_token(artifact: Path) -> int | None:
+    manifest = _read_json(artifact / "manifest.json")
+    if not manifest:
+        return None
+    s = manifest["spec"]
+    return 2 * s["num_layers"] * s["num_kv_heads"] * s["head_dim"] * DTYPE_BYTES[s["dtype"]]
+
+
+def batch1_bandwidth(bench: dict, artifact: Path, copy_GBps: float | None) -> dict | None:
+    """Batch-1 decode: bytes read per token and the fraction of the measured copy bandwidth it reaches."""
+    rows = [r for r in bench.get("latency", []) if r.get("batch_size") == 1]
+    wb, kvb = weight_bytes(artifact), kv_bytes_per_token(artifact)
+    if not rows or wb is None or kvb is None:
+        return None
+    r = rows[0]
+    mean_context = r["input_len"] + r["output_len"] / 2  # KV read per step grows from input_len to input+output
+    per_token = wb + kvb * mean_context
+    out = {"decode_tokens_per_s": r["decode_tokens_per_s"], "weight_bytes": wb, "kv_bytes_at_mean_context":
+           round(kvb * mean_context), "bytes_per_token": round(per_token),
+           "achieved_GBps": round(r["decode_tokens_per_s"] * per_token / 1e9, 1)}
+    if copy_GBps:
+        out["fraction_of_copy_bandwidth"] = round(out["achieved_GBps"] / copy_GBps, 4)
+        out["ceiling_tokens_per_s"] = round(copy_GBps * 1e9 / per_token, 1)
+    return out
+
+
+def collect(work: Path, bundle: Path) -> tuple[dict, str]:
+    parts, logs = {}, []
+    for status_file in sorted(work.glob("*.status.json"), key=lambda p: p.stat().st_mtime):
+        name = status_file.name.removesuffix(".status.json")
+        status = _read_json(status_file) or {}
+        entry = {"status": status, "result": _read_json(work / f"{name}.json")}
+        log = (work / f"{name}.log").read_text(errors="replace") if (work / f"{name}.log").exists() else ""
+        failed = status.get("rc") not in (0, None) or status.get("timed_out") or (
+            isinstance(entry["result"], dict) and (entry["result"].get("errors") or entry["result"].get("error")))
+        if failed:
+            entry["log_tail"] = log[-LOG_TAIL:]
+        parts[name] = entry
+        logs.append(f"===== {name} {json.dumps(status)}\n{log[-20000:]}\n")
+
+    summary: dict = {}
+    peaks = (parts.get("peaks") or {}).get("result") or {}
+    copy = (peaks.get("copy") or {}).get("GBps_read_plus_write")
+    summary["copy_GBps"] = copy
+    summary["matmul_TFLOPs"] = {k.removeprefix("matmul_"): v.get("TFLOPs") for k, v in peaks.items()
+                                if k.startswith("matmul_") and isinstance(v, dict)}
+    for name, entry in parts.items():
+        result = entry["result"]
+        if not name.startswith("kiln-") or not isinstance(result, dict):
+            continue
+        artifact = Path(result.get("artifact_path", ""))
+        if not artifact.is_absolute():
+            artifact = bundle / "artifacts" / result.get("artifact", "")
+        if "latency" in result:
+            summary.setdefault(name, {})["latency"] = {
+                str(r["batch_size"]): {"input_len": r["input_len"], "decode_tokens_per_s": r["decode_tokens_per_s"],
+                                       "prefill_tokens_per_s": r["prefill_tokens_per_s"]} for r in result["latency"]}
+            b1 = batch1_bandwidth(result, artifact, copy) if name.endswith("-latency") else None
+            if b1:
+                summary[name]["batch1"] = b1
+    for name, entry in parts.items():  # the transformers peers, and kiln over them on the same shape
+        result = entry["result"]
+        if not name.startswith("hf-") or not isinstance(result, dict):
+            continue
+        peers = result.get("results", {})
+        rates = {k: peers[k]["decode_tokens_per_s"] for k in ("eager", "static_compile") if k in peers}
+        rates.update({f"batched_{b}": r["decode_tokens_per_s"] for b, r in peers.get("batched", {}).items()})
+        if "continuous_batching" in peers:
+            rates["continuous_batching_output"] = peers["continuous_batching"]["output_tokens_per_s"]
+        summary[name] = {"decode_tokens_per_s": rates}
+        kiln_latency = summary.get(f"kiln-{name.removeprefix('hf-')}-latency", {}).get("latency", {})
+        ratios = {f"batch1_over_{k}": kiln_latency["1"]["decode_tokens_per_s"] / rates[k]
+                  for k in ("eager", "static_compile") if rates.get(k) and "1" in kiln_latency}
+        ratios.update({f"batch{b}_over_batched": kiln_latency[b]["decode_tokens_per_s"] / rates[f"batched_{b}"]
+                       for b in kiln_latency if rates.get(f"batched_{b}")})
+        summary[name]["kiln_over_peer"] = {k: round(v, 3) for k, v in ratios.items()}
+    gemm = (parts.get("gemm") or {}).get("result") or {}
+    fp16_peak = summary["matmul_TFLOPs"].get("float16")
+    for row in gemm.get("shapes", []):
+        summary.setdefault("gemm", {})[str(row["m"])] = {
+            k: row.get(k) for k in ("ok", "kiln_tflops", "torch_tflops", "kiln_over_torch")} | (
+            {"kiln_fraction_of_measured_fp16_peak": round(row["kiln_tflops"] / fp16_peak, 4)} if fp16_peak else {})
+    demo = (parts.get("demo") or {}).get("result") or {}
+    if demo:
+        summary["demo_greedy_match"] = {k: demo.get(k) for k in ("match", "first_mismatch", "num_tokens",
+                                                                 "teacher_forced_argmax_agree",
+                                                                 "first_logits_max_abs_diff")}
+    results = {"collected": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "bundle": _read_json(bundle / "bundle.json"),
+               "summary": summary, "parts": parts}
+    return results, "".join(logs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("work", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--bundle", type=Path, default=Path("gpu_bundle"))
+    args = ap.parse_args()
+    results, logs = collect(args.work, args.bundle)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "logs.txt").write_text(logs)
+
+
+if __name__ == "__main__":
+    main()

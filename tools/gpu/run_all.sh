@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# Every GPU measurement of kiln in one command, on a machine with torch but no TVM (see shared/notes/gpu.md).
+#
+#   tools/gpu/run_all.sh [PART|GROUP ...]        from the repo root, with gpu_bundle/ carried along
+#
+# Built beforehand on the CPU host by tools/gpu/build_bundle.sh. Puts the bundle's runtime-only TVM on
+# PYTHONPATH and runs, each part guarded by its own time limit so one failure loses nothing else:
+#
+#   nvidia-smi                          the card as found
+#   peaks                               copy bandwidth and bf16/fp16 matmul peak (tools/gpu/peaks.py)
+#   gemm                                kiln's tensor-core GEMM alone vs torch.matmul (tools/gpu/gemm.py)
+#   demo                                the demo model's greedy tokens on the GPU vs the CPU's (tools/gpu/demo_check.py)
+#   kiln-SHAPE-latency                  kiln bench: decode at batch 1..256 (random weights, seed 0)
+#   kiln-SHAPE-prefill-512, -2048       kiln bench: one prompt of 512 / 2048 tokens
+#   hf-SHAPE                            transformers peers on the same shape (tools/gpu/hf_peers.py)
+#   kiln-SHAPE-serving                  kiln bench: ShareGPT-like requests at several rates
+#
+# SHAPE is llama-3-8b or llama-3.2-1b; groups: all (default), base, kiln, hf, serving. After each part
+# tools/gpu/collect.py rewrites $OUT/results.json and $OUT/logs.txt, so a run cut short keeps what it
+# finished. Parts run in the order above until KILN_GPU_DEADLINE seconds (default 560) have passed;
+# the rest are recorded as skipped (run them with a second command naming them).
+#
+# Environment: OUT (results folder; default out/gpu), KILN_GPU_BUNDLE (default gpu_bundle),
+# KILN_GPU_DEVICE (cuda; cpu for a smoke test with a bundle from `build_bundle.sh --smoke`),
+# KILN_GPU_SMALL=1 (tiny sizes everywhere, for that smoke test), PYTHON (default python3).
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$ROOT"
+BUNDLE=$(cd "${KILN_GPU_BUNDLE:-$ROOT/gpu_bundle}" 2>/dev/null && pwd) || { echo "no bundle at ${KILN_GPU_BUNDLE:-gpu_bundle}: run tools/gpu/build_bundle.sh first" >&2; exit 2; }
+OUT=${OUT:-$ROOT/out/gpu}
+DEVICE=${KILN_GPU_DEVICE:-cuda}
+SMALL=${KILN_GPU_SMALL:-0}
+PY=${PYTHON:-python3}
+DEADLINE=$(( SECONDS + ${KILN_GPU_DEADLINE:-560} ))
+SHAPES="llama-3-8b llama-3.2-1b"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/kiln-gpu.XXXXXX")
+mkdir -p "$OUT"
+
+# The bundle's tvm_ffi and TVM runtime libraries; kiln itself from this checkout.
+export PYTHONPATH="$BUNDLE/py:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+[ -d "$BUNDLE/tvmlib" ] && export KILN_TVM_LIB_DIR="$BUNDLE/tvmlib"
+export PYTHONUNBUFFERED=1 MPLBACKEND=Agg TVM_FFI_CACHE_DIR="$WORK/tvm-ffi-cache" KILN_CACHE="$WORK/kiln-cache"
+# TVM's CUDA runtime links libcudart.so.13: python's own (the nvidia-cuda-runtime wheel torch uses), else the bundle's.
+if [ "$DEVICE" = cuda ]; then
+    CUDART=$("$PY" -c 'import glob, os, site; print(next((os.path.dirname(p) for d in site.getsitepackages() for p in glob.glob(d + "/nvidia/**/libcudart.so.13", recursive=True)), ""))' 2>/dev/null)
+    [ -n "$CUDART" ] || CUDART="$BUNDLE/cudart"
+    export LD_LIBRARY_PATH="$CUDART${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+
+if [ "$SMALL" = 1 ]; then
+    SMALLFLAG=--small
+    LATENCY="--batch-sizes 1,2 --input-len 16 --output-len 4"
+    PREFILL_OUT=2; SERVING="--num-prompts 4 --request-rates 8,inf"
+    HF="--small --compile-backend eager --batches 2 --prompt-len 8 --new-tokens 4 --repeats 1 --skip continuous_batching"
+else
+    SMALLFLAG=
+    LATENCY="--batch-sizes 1,8,32,64,128,256 --input-len 128 --output-len 32"
+    PREFILL_OUT=4; SERVING="--num-prompts 100 --request-rates 4,16,inf"
+    HF="--new-tokens 64 --batches 8 32 64 --repeats 2"
+fi
+
+part() {  # part NAME LIMIT_S CMD...: run CMD under its limit (or what is left of the deadline), record how it went
+    local name=$1 limit=$2; shift 2
+    local left=$(( DEADLINE - SECONDS )) t0=$SECONDS rc
+    if [ "$left" -lt 15 ]; then
+        echo "{\"part\": \"$name\", \"skipped\": \"out of time (KILN_GPU_DEADLINE)\"}" >"$WORK/$name.status.json"
+        echo "== $name: skipped, out of time"
+    else
+        [ "$limit" -gt "$left" ] && limit=$left
+        echo "== $name (limit ${limit}s): $*"
+        timeout --kill-after=10 "$limit" "$@" >"$WORK/$name.log" 2>&1
+        rc=$?
+        local timed_out=false; { [ $rc = 124 ] || [ $rc = 137 ]; } && timed_out=true
+        echo "{\"part\": \"$name\", \"rc\": $rc, \"seconds\": $(( SECONDS - t0 )), \"limit\": $limit, \"timed_out\": $timed_out}" \
+            >"$WORK/$name.status.json"
+        tail -n 15 "$WORK/$name.log"
+        echo "== $name: exit $rc after $(( SECONDS - t0 ))s"
+    fi
+    "$PY" tools/gpu/collect.py "$WORK" "$OUT" --bundle "$BUNDLE" || echo "collect.py failed" >&2
+}
+
+bench() {  # bench NAME SHAPE LIMIT_S BENCH_ARGS...: kiln bench with random weights (seed 0)
+    local name=$1 shape=$2 limit=$3; shift 3
+    part "$name" "$limit" "$PY" -m kiln.cli bench "$BUNDLE/artifacts/$shape" --random-weights 0 --no-progress \
+        --json "$WORK/$name.json" "$@"
+}
+
+run() {
+    case $1 in
+        nvidia-smi) part nvidia-smi 20 nvidia-smi ;;
+        peaks) part peaks 60 "$PY" tools/gpu/peaks.py --device "$DEVICE" $SMALLFLAG --out "$WORK/peaks.json" ;;
+        gemm) if [ -d "$BUNDLE/gemm" ]; then
+                  part gemm 60 "$PY" tools/gpu/gemm.py run "$BUNDLE/gemm" --json "$WORK/gemm.json"
+              else
+                  echo '{"part": "gemm", "skipped": "the bundle has no gemm/"}' >"$WORK/gemm.status.json"
+              fi ;;
+        demo) part demo 90 "$PY" tools/gpu/demo_check.py check "$BUNDLE/artifacts/demo" \
+                  --expect "$BUNDLE/demo_cpu_greedy.json" --out "$WORK/demo.json" ;;
+        kiln-*-latency) local s=${1#kiln-}; s=${s%-latency}
+                        bench "$1" "$s" 120 --mode latency $LATENCY --plot "$OUT/plots-$1" ;;
+        kiln-*-prefill-*) local s=${1#kiln-}; s=${s%-prefill-*}; local n=${1##*-}
+                          [ "$SMALL" = 1 ] && n=$(( n / 64 ))
+                          # the whole prompt in one step: --max-batched-tokens of its length
+                          bench "$1" "$s" 60 --mode latency --batch-sizes 1 --input-len "$n" \
+                              --output-len $PREFILL_OUT --max-batched-tokens "$n" ;;
+        kiln-*-serving) local s=${1#kiln-}; s=${s%-serving}
+                        bench "$1" "$s" 120 --mode serving $SERVING --plot "$OUT/plots-$1" ;;
+        hf-*) local s=${1#hf-}; part "$1" 150 "$PY" tools/gpu/hf_peers.py --config "tools/gpu/configs/$s" \
+                  --device "$DEVICE" $HF --out "$WORK/$1.json" ;;
+        *) echo "unknown part $1" >&2; return 2 ;;
+    esac
+}
+
+expand() {  # the parts of a group, in run order
+    local s
+    case $1 in
+        base) echo nvidia-smi peaks gemm demo ;;
+        kiln) for s in $SHAPES; do echo "kiln-$s-latency"; done
+              for s in $SHAPES; do echo "kiln-$s-prefill-512 kiln-$s-prefill-2048"; done ;;
+        hf) for s in $SHAPES; do echo "hf-$s"; done ;;
+        serving) for s in $SHAPES; do echo "kiln-$s-serving"; done ;;
+        all) expand base; expand kiln; expand hf; expand serving ;;
+        *) echo "$1" ;;
+    esac
+}
+
+echo "kiln GPU run: bundle $BUNDLE, device $DEVICE, results in $OUT (work dir $WORK)"
+for arg in "${@:-all}"; do
+    for p in $(expand "$arg"); do
+        run "$p"
+    done
+done
+"$PY" - "$OUT/results.json" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(json.dumps(r["summary"], indent=1))
+for name, p in r["parts"].items():
+    s = p["status"]
+    print(f"{name:32} {'skipped' if 'skipped' in s else 'exit %s in %ss%s' % (s.get('rc'), s.get('seconds'), ' (timed out)' if s.get('timed_out') else '')}")
+EOF
