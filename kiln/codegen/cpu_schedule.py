@@ -14,8 +14,9 @@ row reads all of W again. ``ScheduleCPUMatmul`` rewrites exactly those PrimFuncs
 * an elementwise epilogue (bias add, residual add, SiLU * up) is inlined into one block computed right
   after each output element, so the ``[m, n]`` intermediate is never materialised.
 
-Anything else (attention kernels, norms, RoPE, KV-cache copies, or a matmul in a shape the rule does
-not expect) passes through untouched: the rule matches the matmul block structurally and gives up on
+The quantized linears of kiln/ir/quant_kernels.py (``dequant_matmul``, ``int_matmul``: the weight is
+dequantized inside the sum) get the same tiling. Anything else (attention kernels, norms, RoPE,
+KV-cache copies, or a matmul in a shape the rule does not expect) passes through untouched: the rule matches the matmul block structurally and gives up on
 the whole function (keeping the original) if any schedule step is refused.
 """
 
@@ -74,6 +75,13 @@ def _match_nt_matmul(block):
     return all(x.dtype == "float32" for x in (c, a[0], w[0]))
 
 
+def _is_quant_matmul(block) -> bool:
+    """kiln/ir/quant_kernels.py's reductions (weights dequantized inside the sum): the same i, j, k nest."""
+    iv = block.iter_vars
+    return block.name_hint in ("dequant_matmul", "int_matmul") and len(iv) == 3 and \
+        [int(v.iter_type) for v in iv] == [tirx.IterVar.DataPar, tirx.IterVar.DataPar, tirx.IterVar.CommReduce]
+
+
 def _first_nest(func: tirx.PrimFunc):
     """(loops, realize) of the first statement under the root block when it is a perfect loop nest
     around one block; else None."""
@@ -101,7 +109,7 @@ def _schedule(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:
         return None
     sch = tvm.s_tir.Schedule(func)
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    if not blocks or not _match_nt_matmul(sch.get(blocks[0])):
+    if not blocks or not (_match_nt_matmul(sch.get(blocks[0])) or _is_quant_matmul(sch.get(blocks[0]))):
         return None
     mm, epilogue = blocks[0], list(blocks[1:])
     for b in epilogue:  # the rest must be elementwise over [m, n]: bias, residual, activation

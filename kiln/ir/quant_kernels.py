@@ -1,0 +1,83 @@
+"""The quantized linears' kernels, as TE computes (target-independent; codegen schedules them).
+
+Packed layouts (kiln/quant/formats.py documents them and holds their NumPy references):
+
+* weight-only ``wNgG`` (RTN, AWQ): ``qweight`` int32 ``[O, K/8]`` — column k is the 4-bit field at bits
+  ``4 * (k % 8)`` of word ``k // 8`` (3-bit values use 4-bit fields) — ``scales`` ``[O, K/G]`` in the model
+  dtype, ``zeros`` uint8 ``[O, K/G]``; ``w[o, k] = (q - zeros[o, k/G]) * scales[o, k/G]``.
+* ``w4a8`` (QoQ): the same ``qweight`` packing, integer ``group_scales`` and ``zeros`` ``[O, K/G]`` giving an
+  int8 weight ``w8 = (q - zero) * group_scale``, float32 ``channel_scales`` ``[O]``.
+* ``w8a8`` (SmoothQuant): int8 ``qweight`` ``[O, K]``, float32 ``channel_scales`` ``[O]``.
+
+Activations of w4a8/w8a8 are quantized per token by ``quantize_per_token`` (symmetric int8,
+``s = max|x| / 127``) — its own op, placed before the linear and shared by the linears reading the same
+input; the GEMM multiplies int8 by int8 into an int32 accumulator and applies ``s_x[i] * s_c[o]`` in
+its epilogue. Every weight is dequantized inside the reduction: no full-precision weight is ever
+materialised.
+"""
+
+from __future__ import annotations
+
+from .tvm import te, tirx
+
+
+def _nibble(qweight, o, k):
+    """The 4-bit field of column k in row o of a packed int32 ``[O, K/8]`` tensor, as int32."""
+    shift = ((k % 8) * 4).astype("int32")
+    return tirx.bitwise_and(tirx.shift_right(qweight[o, k // 8], shift), tirx.const(15, "int32"))
+
+
+def weight_only_matmul(x, qweight, scales, zeros, group: int, out_dtype: str):
+    """``y[i, o] = sum_k x[i, k] * (q[o, k] - zeros[o, k/G]) * scales[o, k/G]``, fp32 accumulation."""
+    n, K = x.shape
+    O = qweight.shape[0]
+    k = te.reduce_axis((tirx.IntImm("int64", 0), K), name="k")
+
+    def weight(o, kk):
+        g = kk // group
+        return (_nibble(qweight, o, kk) - zeros[o, g].astype("int32")).astype("float32") * \
+            scales[o, g].astype("float32")
+
+    acc = te.compute((n, O), lambda i, o: te.sum(x[i, k].astype("float32") * weight(o, k), axis=k),
+                     name="dequant_matmul")
+    if out_dtype == "float32":
+        return acc
+    return te.compute((n, O), lambda i, o: acc[i, o].astype(out_dtype), name="dequant_matmul_cast")
+
+
+def quantize_per_token(x):
+    """``x`` [n, K] float -> (int8 ``round(x / s)`` clamped to [-127, 127], float32 ``s = max|x| / 127`` [n]).
+    An all-zero row gets ``s = 1`` (its codes are 0 either way)."""
+    n, K = x.shape
+    k = te.reduce_axis((tirx.IntImm("int64", 0), K), name="k")
+    amax = te.compute((n,), lambda i: te.max(tirx.abs(x[i, k].astype("float32")), axis=k), name="act_absmax")
+    scale = te.compute((n,), lambda i: tirx.Select(amax[i] > 0, amax[i] / 127.0, tirx.const(1.0, "float32")),
+                       name="act_scale")
+    codes = te.compute((n, K), lambda i, j: tirx.max(tirx.min(tirx.round(x[i, j].astype("float32") / scale[i]),
+                                                                  127.0), -127.0).astype("int8"),
+                       name="act_quant")
+    return codes, scale
+
+
+def _int_matmul(x8, sx, weight8, channel_scales, O, out_dtype: str):
+    n, K = x8.shape
+    k = te.reduce_axis((tirx.IntImm("int64", 0), K), name="k")
+    acc = te.compute((n, O), lambda i, o: te.sum(x8[i, k].astype("int32") * weight8(o, k), axis=k),
+                     name="int_matmul")
+    return te.compute((n, O), lambda i, o: (acc[i, o].astype("float32") * sx[i] * channel_scales[o]).astype(out_dtype),
+                      name="int_matmul_dequant")
+
+
+def w4a8_matmul(x8, sx, qweight, group_scales, zeros, channel_scales, group: int, out_dtype: str):
+    """int8 activations x QoQ int4 weights (made int8 on the fly: ``(q - zero) * group_scale``), int32 sum."""
+    def weight8(o, kk):
+        g = kk // group
+        return (_nibble(qweight, o, kk) - zeros[o, g].astype("int32")) * group_scales[o, g].astype("int32")
+
+    return _int_matmul(x8, sx, weight8, channel_scales, qweight.shape[0], out_dtype)
+
+
+def w8a8_matmul(x8, sx, qweight, channel_scales, out_dtype: str):
+    """int8 activations x int8 per-channel weights, int32 sum."""
+    return _int_matmul(x8, sx, lambda o, kk: qweight[o, kk].astype("int32"), channel_scales, qweight.shape[0],
+                       out_dtype)
