@@ -1,4 +1,4 @@
-"""kiln's command line: compile, generate, inspect, serve, bench, chat.
+"""kiln's command line: compile, generate, inspect, serve, bench, chat, calibrate, eval.
 
 Errors a user can cause (KilnError) print one line and exit 1, without a traceback.
 """
@@ -72,16 +72,21 @@ def main():
 @click.option("--config-only", is_flag=True,
               help="compile from config.json alone: no weights are read or stored (run with random weights, "
                    "for benchmarks); without a tokenizer a placeholder one is written")
+@click.option("--quant", default=None, metavar="SCHEME",
+              help="quantize the decoder linears: rtn-w4g128, awq-w4g128, rtn-w3g128, awq-w3g128, w4a8, w8a8")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="activation statistics from `kiln calibrate` (awq-*, w4a8, w8a8 need them)")
 @click.option("-q", "--quiet", is_flag=True)
 @_user_errors
-def compile_cmd(model_dir, out, target, arch, dtype, context_len, dump_ir, config_only, quiet):
+def compile_cmd(model_dir, out, target, arch, dtype, context_len, dump_ir, config_only, quant, calib, quiet):
     """Compile a Hugging Face checkpoint directory MODEL_DIR into an artifact."""
     from .compiler import CompileConfig, compile_model
 
     progress = _Progress(quiet)
     report = compile_model(model_dir, out, CompileConfig(target=target, arch=arch, dtype=dtype,
                                                          context_len=context_len, dump_ir=dump_ir,
-                                                         config_only=config_only), progress)
+                                                         config_only=config_only, quant=quant, calib=calib),
+                           progress)
     secs = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())
     click.echo(f"wrote {out} ({report.artifact_bytes / 1e6:.1f} MB; {secs})")
 
@@ -383,6 +388,58 @@ def _chat_reply(engine, history: list[dict], request_id: str, max_tokens: int, t
         click.echo(" [interrupted]", nl=False)
     click.echo()
     return "".join(parts)
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="calibration text (UTF-8); default: the shipped data/calibration.txt")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="calibration file to write (safetensors, provenance in its header)")
+@click.option("--num-samples", type=click.IntRange(min=1), default=128, show_default=True,
+              help="blocks of calibration text")
+@click.option("--seq-len", type=click.IntRange(min=1), default=512, show_default=True, help="tokens per block")
+@click.option("--seed", type=int, default=0, show_default=True, help="which blocks and which sample rows")
+@_user_errors
+def calibrate(model_dir, data, out, num_samples, seq_len, seed):
+    """Record the input statistics of every decoder linear of the Hugging Face checkpoint MODEL_DIR
+    (run in PyTorch on the CPU, float32) over calibration text, for the quantization schemes."""
+    from .quant.calibrate import DEFAULT_DATA, CalibrateConfig, calibrate as run_calibration, save_calibration
+
+    if not out.parent.is_dir():  # fail now, not after the model has run
+        raise KilnError(f"-o {out}: the directory {out.parent} does not exist")
+    t = time.perf_counter()
+    calib, meta = run_calibration(model_dir, data or DEFAULT_DATA,
+                                  CalibrateConfig(num_samples=num_samples, seq_len=seq_len, seed=seed))
+    save_calibration(calib, meta, out)
+    click.echo(f"wrote {out}: {len(calib.mean_abs)} linears, {meta['num_blocks']} blocks, {meta['num_tokens']} tokens "
+               f"({time.perf_counter() - t:.1f}s)")
+
+
+@main.command("eval")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path, dir_okay=False), help="text to score (UTF-8)")
+@click.option("--window", type=click.IntRange(min=2), default=None,
+              help="tokens per window; default: the model's context, at most 512")
+@click.option("--stride", type=click.IntRange(min=1), default=None,
+              help="tokens between window starts; default: window/2")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@_user_errors
+def eval_cmd(artifact, data, window, stride, as_json):
+    """Perplexity of ARTIFACT on the text in --data through kiln's runtime: windows of --window tokens
+    every --stride tokens, each scoring the tokens the previous window did not reach (README)."""
+    from .runtime.perplexity import evaluate_perplexity
+
+    try:
+        text = data.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise KilnError(f"--data {data} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    res = evaluate_perplexity(artifact, text, window=window, stride=stride)
+    if as_json:
+        click.echo(json.dumps({**res.to_json(), "artifact": str(artifact), "data": str(data)}))
+    else:
+        click.echo(f"perplexity {res.perplexity:.4f} over {res.num_tokens_scored} tokens of {data} "
+                   f"(window {res.window}, stride {res.stride}, {res.num_windows} windows, {res.seconds:.1f}s)")
 
 
 if __name__ == "__main__":

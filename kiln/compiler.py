@@ -26,6 +26,8 @@ class CompileConfig:
     dtype: str | None = None  # None: the checkpoint's dtype
     context_len: int | None = None  # None: the model's max_position_embeddings
     config_only: bool = False  # compile from config.json alone: no weights in the artifact
+    quant: str | None = None  # a scheme of kiln/quant/schemes.py (rtn-w4g128, awq-w4g128, w4a8, ...)
+    calib: Path | None = None  # `kiln calibrate` output, for the schemes that need activation statistics
     dump_ir: Path | None = None
     keep_reference: bool = False  # keep the dense forward in the library (for self-checks)
 
@@ -48,6 +50,17 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").exists())):
         raise KilnError(f"{out} exists and is not a kiln artifact; refusing to overwrite it")
     spec = load_spec(Path(model_dir), dtype=config.dtype, context_len=config.context_len)
+    scheme = calib = None
+    if config.quant is not None:
+        from .quant.calibrate import load_calibration
+        from .quant.schemes import get_scheme
+
+        scheme = get_scheme(config.quant)
+        if scheme.needs_calib and config.calib is None and not config.config_only:
+            raise KilnError(f"--quant {scheme.name} needs activation statistics: run `kiln calibrate {model_dir} "
+                            f"-o CALIB` and pass --calib CALIB")
+        if config.calib is not None and not config.config_only:
+            calib = load_calibration(config.calib)[0]
     placeholder = config.config_only and not (Path(model_dir) / "tokenizer.json").exists()
     if not placeholder:
         tokenizer_files(Path(model_dir))
@@ -68,9 +81,13 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
     progress("importing the config (no weights)" if config.config_only else "importing the checkpoint")
     imported = import_hf(model_dir, dtype=config.dtype, context_len=config.context_len,
                          with_tokenizer=not placeholder, with_weights=not config.config_only)
+    layout, params, mod = imported.param_layout, imported.params, imported.mod
+    if scheme is not None:
+        progress(f"quantizing ({scheme.name})")
+        layout, params, mod = _quantize(imported, scheme, calib)
     lap("import")
     progress("running passes")
-    mod = run_pipeline(imported.mod, build_pipeline(target, config.keep_reference), config.dump_ir)
+    mod = run_pipeline(mod, build_pipeline(target, config.keep_reference), config.dump_ir)
     lap("passes")
     progress(f"building for {target.name}{' ' + target.arch if target.arch else ''}")
     ex = build(mod, target)
@@ -83,17 +100,17 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
         export(ex, tmp / LIBRARY)
-        if imported.params is not None:
-            save_file(imported.params, str(tmp / PARAMS))
+        if params is not None:
+            save_file(params, str(tmp / PARAMS))
         for f in imported.tokenizer_files:
             shutil.copyfile(f, tmp / f.name)
         if placeholder:
             write_placeholder_tokenizer(spec, tmp)
-        write_manifest(tmp, spec=imported.spec, target=target.describe(), param_layout=imported.param_layout,
-                       weights="none" if imported.params is None else "included",
+        write_manifest(tmp, spec=imported.spec, target=target.describe(), param_layout=layout,
+                       weights="none" if params is None else "included",
                        tokenizer="placeholder" if placeholder else "included",
                        options={"dtype": imported.spec.dtype, "context_len": imported.spec.context_len,
-                                "quant": None, "source": Path(model_dir).name,
+                                "quant": scheme.name if scheme else None, "source": Path(model_dir).name,
                                 "config_only": config.config_only},
                        tvm_versions=installed_tvm_versions())
         for f in tmp.iterdir():
@@ -108,3 +125,21 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
     lap("write")
     report.artifact_bytes = sum(load_artifact(out).file_sizes().values()) + (out / "manifest.json").stat().st_size
     return report
+
+
+def _quantize(imported, scheme, calib):
+    """The scheme's weights (kiln/quant/schemes.py) and IR (kiln/passes/quantize.py), meeting in one layout."""
+    from .passes.quantize import packed_layout, quantize_linears
+    from .quant.schemes import quantize_params, quantized_linears
+
+    names = set(quantized_linears(imported.spec))
+    group = scheme.group_size or 1
+    params, dtypes = None, None
+    if imported.params is not None:
+        params = quantize_params(imported.params, imported.spec, scheme.name, calib)
+        dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in params.items()}
+    layout = packed_layout(imported.param_layout, names, scheme.kind, group, dtypes)
+    mod = quantize_linears(imported.mod, imported.param_layout, names, scheme.kind, group, dtypes)
+    if params is not None:
+        params = {k: params[k].contiguous() for k in layout}  # the packed tuple's order
+    return layout, params, mod

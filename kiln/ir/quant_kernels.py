@@ -46,14 +46,14 @@ def weight_only_matmul(x, qweight, scales, zeros, group: int, out_dtype: str):
 
 
 def quantize_per_token(x):
-    """``x`` [n, K] float -> (int8 ``round(x / s)`` clamped to [-127, 127], float32 ``s = max|x| / 127`` [n]).
-    An all-zero row gets ``s = 1`` (its codes are 0 either way)."""
+    """``x`` [n, K] float -> (int8 ``rint(x / s)`` clamped to [-127, 127] (half to even), float32
+    ``s = max(max|x|, 1e-5) / 127`` [n]): kiln/quant/formats.py ``quantize_activations_per_token``."""
     n, K = x.shape
     k = te.reduce_axis((tirx.IntImm("int64", 0), K), name="k")
     amax = te.compute((n,), lambda i: te.max(tirx.abs(x[i, k].astype("float32")), axis=k), name="act_absmax")
-    scale = te.compute((n,), lambda i: tirx.Select(amax[i] > 0, amax[i] / 127.0, tirx.const(1.0, "float32")),
+    scale = te.compute((n,), lambda i: tirx.max(amax[i], tirx.const(1e-5, "float32")) / tirx.const(127.0, "float32"),
                        name="act_scale")
-    codes = te.compute((n, K), lambda i, j: tirx.max(tirx.min(tirx.round(x[i, j].astype("float32") / scale[i]),
+    codes = te.compute((n, K), lambda i, j: tirx.max(tirx.min(tirx.nearbyint(x[i, j].astype("float32") / scale[i]),
                                                                   127.0), -127.0).astype("int8"),
                        name="act_quant")
     return codes, scale
