@@ -4,6 +4,10 @@ With ``config_only`` the checkpoint is its config.json alone: the parameter layo
 ModelSpec, no weight is read, and the artifact holds no params.safetensors (the runtime fills the
 layout with seeded random weights, for benchmarks). A directory without a tokenizer then gets a
 placeholder one covering the vocabulary.
+
+A pre-quantized checkpoint (an AutoAWQ GEMM one: frontend/hf.py ``prequantized``) implies its scheme
+(``awq-w4g128``): its packed params are converted from the stored tensors (quant/autoawq.py), not made
+by ``quantize_params``, and need no calibration; the IR is quantized as for ``--quant``.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ class CompileReport:
 def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
                   progress: Callable[[str], None] = lambda s: None) -> CompileReport:
     from .codegen.targets import resolve_target
-    from .frontend.hf import load_spec, tokenizer_files
+    from .frontend.hf import load_spec, prequantized, tokenizer_files
     from .frontend.placeholder_tokenizer import write_placeholder_tokenizer
 
     # Check what the user gave before importing the TVM compiler (seconds): bad input fails fast.
@@ -50,13 +54,15 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").exists())):
         raise KilnError(f"{out} exists and is not a kiln artifact; refusing to overwrite it")
     spec = load_spec(Path(model_dir), dtype=config.dtype, context_len=config.context_len)
+    pre = prequantized(Path(model_dir))
+    quant = _scheme_name(model_dir, config, pre)
     scheme = calib = None
-    if config.quant is not None:
+    if quant is not None:
         from .quant.calibrate import load_calibration
         from .quant.schemes import get_scheme
 
-        scheme = get_scheme(config.quant)
-        if scheme.needs_calib and config.calib is None and not config.config_only:
+        scheme = get_scheme(quant)
+        if scheme.needs_calib and pre is None and config.calib is None and not config.config_only:
             raise KilnError(f"--quant {scheme.name} needs activation statistics: run `kiln calibrate {model_dir} "
                             f"-o CALIB` and pass --calib CALIB")
         if config.calib is not None and not config.config_only:
@@ -111,6 +117,7 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
                        tokenizer="placeholder" if placeholder else "included",
                        options={"dtype": imported.spec.dtype, "context_len": imported.spec.context_len,
                                 "quant": scheme.name if scheme else None, "source": Path(model_dir).name,
+                                "source_format": pre.source_format if pre else "hf",
                                 "config_only": config.config_only},
                        tvm_versions=installed_tvm_versions())
         for f in tmp.iterdir():
@@ -127,16 +134,36 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
     return report
 
 
+def _scheme_name(model_dir, config: CompileConfig, pre) -> str | None:
+    """--quant, or the scheme a pre-quantized checkpoint (``pre``) implies, which no other --quant or
+    --calib may contradict."""
+    if pre is None:
+        return config.quant
+    if config.quant not in (None, pre.scheme):
+        raise KilnError(f"{model_dir} is already quantized as {pre.scheme} (source format {pre.source_format}): "
+                        f"compile it without --quant (--quant {config.quant} needs the float checkpoint)")
+    if config.calib is not None:
+        raise KilnError(f"{model_dir} is already quantized as {pre.scheme} (source format {pre.source_format}): "
+                        f"it needs no --calib")
+    return pre.scheme
+
+
 def _quantize(imported, scheme, calib):
-    """The scheme's weights (kiln/quant/schemes.py) and IR (kiln/passes/quantize.py), meeting in one layout."""
+    """The scheme's weights (kiln/quant/schemes.py, or converted from a pre-quantized checkpoint) and IR
+    (kiln/passes/quantize.py), meeting in one layout."""
     from .passes.quantize import packed_layout, quantize_linears
+    from .quant.autoawq import from_autoawq
     from .quant.schemes import quantize_params, quantized_linears
 
     names = set(quantized_linears(imported.spec))
     group = scheme.group_size or 1
     params, dtypes = None, None
-    if imported.params is not None:
+    if imported.params is not None and imported.prequantized is not None:
+        assert imported.prequantized.source_format == "autoawq" and scheme.name == imported.prequantized.scheme
+        params = from_autoawq(imported.params, imported.spec)
+    elif imported.params is not None:
         params = quantize_params(imported.params, imported.spec, scheme.name, calib)
+    if params is not None:
         dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in params.items()}
     layout = packed_layout(imported.param_layout, names, scheme.kind, group, dtypes)
     mod = quantize_linears(imported.mod, imported.param_layout, names, scheme.kind, group, dtypes)

@@ -17,6 +17,9 @@ class ImportedModel:
     param_layout: dict[str, tuple[tuple[int, ...], str]]
     params: dict[str, Any] | None  # name -> torch tensor in layout order; None when compiled from config.json alone
     tokenizer_files: list[Path] = field(default_factory=list)
+    # PreQuantized (hf.py) for a pre-quantized checkpoint: params then hold each quantized linear NAME as
+    # its stored tensors NAME.<suffix>, at NAME's position, while param_layout stays the reference form's
+    prequantized: Any = None
 
 
 def import_hf(model_dir: str | Path, dtype: str | None = None, context_len: int | None = None,
@@ -25,19 +28,23 @@ def import_hf(model_dir: str | Path, dtype: str | None = None, context_len: int 
 
     ``with_weights=False`` reads config.json alone: the parameter layout comes from the ModelSpec and
     no weight file is opened (a model shape can be compiled without its weights)."""
-    from .hf import load_spec, load_weights, tokenizer_files
+    from .hf import load_spec, load_weights, prequantized, tokenizer_files
     from .reference import build_reference, param_shapes
 
     model_dir = Path(model_dir)
     spec = load_spec(model_dir, dtype=dtype, context_len=context_len)
+    pre = prequantized(model_dir)
     toks = tokenizer_files(model_dir) if with_tokenizer else []
     shapes = param_shapes(spec)
     layout = {name: (shape, spec.dtype) for name, shape in shapes.items()}
     params = None
     if with_weights:
-        loaded = load_weights(model_dir, spec, shapes)
-        params = {k: loaded[k] for k in shapes}
-    return ImportedModel(spec, build_reference(spec), layout, params, toks)
+        loaded = load_weights(model_dir, spec, shapes, pre)
+        params = {}
+        for k in shapes:
+            stored = [k] if k in loaded else [f"{k}.{suffix}" for suffix in pre.suffixes]
+            params.update({name: loaded[name] for name in stored})
+    return ImportedModel(spec, build_reference(spec), layout, params, toks, pre)
 
 
 __all__ = ["ARCHITECTURES", "ImportedModel", "import_hf"]

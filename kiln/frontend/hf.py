@@ -4,6 +4,11 @@ Single-file (``model.safetensors``) and sharded (``model.safetensors.index.json`
 float32, float16 or bfloat16 are read; weights are cast to the compile dtype. Every problem a user
 can cause (missing files, a truncated shard, a missing tensor, a wrong shape, an unsupported
 architecture or feature) raises a CheckpointError / UnsupportedModelError naming it.
+
+A pre-quantized checkpoint (config.json ``quantization_config``) is read when it is AutoAWQ's GEMM
+format with 4 bits, groups of 128 and zero points (``prequantized``): each decoder linear's
+``X.weight`` is then stored as ``X.qweight`` / ``X.qzeros`` / ``X.scales``, read as stored for
+kiln/quant/autoawq.py to convert. Any other quantization_config is an UnsupportedModelError.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +48,57 @@ def architecture_of(config: dict[str, Any]) -> Architecture:
     got = ", ".join(names) or f"model_type={config.get('model_type')!r} with no 'architectures'"
     raise UnsupportedModelError(
         f"unsupported architecture {got}; kiln supports: {', '.join(sorted(ARCHITECTURES))}")
+
+
+@dataclass(frozen=True)
+class PreQuantized:
+    """How a pre-quantized checkpoint stores its decoder linears: each ``X.weight`` is replaced by the
+    tensors ``X.<suffix>``, read as stored (no cast, no shape check here)."""
+
+    source_format: str  # recorded in the artifact's manifest options
+    scheme: str  # the kiln scheme (kiln/quant/schemes.py) the stored tensors convert to, without calibration
+    suffixes: tuple[str, ...]
+
+
+AUTOAWQ_GEMM = PreQuantized("autoawq", "awq-w4g128", ("qweight", "qzeros", "scales"))
+# transformers' AwqConfig `backend` values that name no packing (the loader's kernel choice, or AutoAWQ itself)
+_AWQ_GEMM_BACKENDS = (None, "autoawq", "auto", "gemm")
+
+
+def prequantized_of(config: dict[str, Any]) -> PreQuantized | None:
+    """None for a float checkpoint; AUTOAWQ_GEMM for the one quantized format kiln reads; else raise.
+
+    AutoAWQ writes ``{"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": true,
+    "version": "gemm"}`` (its own quant_config.json spells ``w_bit`` / ``q_group_size``); transformers 5
+    reads the packing from ``version`` or ``format`` and calls the llm-awq packing ``backend: "llm-awq"``."""
+    qc = config.get("quantization_config")
+    if qc is None:
+        return None
+    if not isinstance(qc, dict):
+        raise CheckpointError(f"config.json has a quantization_config that is not an object: {qc!r}")
+    method = str(qc.get("quant_method", "")).lower()
+    if method != "awq":
+        raise UnsupportedModelError(
+            f"pre-quantized checkpoints with quant_method={method!r} are not supported; kiln loads AutoAWQ GEMM "
+            f"checkpoints (awq, 4 bits, group 128) or quantizes a float checkpoint itself with --quant")
+    packing = str(qc.get("format") or qc.get("version") or "gemm").lower()
+    settings = {"bits": qc.get("bits", qc.get("w_bit", 4)),
+                "group_size": qc.get("group_size", qc.get("q_group_size", 128)),
+                "zero_point": qc.get("zero_point", True), "version": packing, "backend": qc.get("backend")}
+    wanted = {"bits": (4,), "group_size": (128,), "zero_point": (True,), "version": ("gemm",),
+              "backend": _AWQ_GEMM_BACKENDS}
+    bad = [f"{k}={v!r}" for k, v in settings.items() if v not in wanted[k]]
+    if bad:
+        raise UnsupportedModelError(
+            f"AutoAWQ checkpoint with {', '.join(bad)} is not supported: kiln loads AutoAWQ's GEMM packing with "
+            f"bits=4, group_size=128, zero_point=true (as awq-w4g128); re-quantize with those settings, or "
+            f"compile the float checkpoint with --quant")
+    return AUTOAWQ_GEMM
+
+
+def prequantized(model_dir: Path) -> PreQuantized | None:
+    """How ``model_dir``'s checkpoint is pre-quantized (None: a float checkpoint); raises if unsupported."""
+    return prequantized_of(_read_json(Path(model_dir) / "config.json"))
 
 
 def _rope(config: dict[str, Any]) -> RopeSpec:
@@ -97,6 +154,7 @@ def load_spec(model_dir: Path, dtype: str | None = None, context_len: int | None
         raise CheckpointError(f"{model_dir} is not a directory (expected a Hugging Face checkpoint directory)")
     config = _read_json(model_dir / "config.json")
     arch = architecture_of(config)
+    prequantized_of(config)  # an unsupported quantized checkpoint fails here, before any weight is read
     if config.get("mlp_bias"):
         raise UnsupportedModelError(f"{arch.name} with mlp_bias=true is not supported")
     if config.get("hidden_act", "silu") != "silu":
@@ -168,10 +226,13 @@ def _safetensors_keys(path: Path) -> list[str]:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
 
 
-def load_weights(model_dir: Path, spec: ModelSpec, names: dict[str, tuple[int, ...]]):
+def load_weights(model_dir: Path, spec: ModelSpec, names: dict[str, tuple[int, ...]],
+                 pre: PreQuantized | None = None):
     """Read the tensors kiln needs, as torch tensors of ``spec.dtype``, keyed by kiln parameter name.
 
-    ``names`` maps each kiln parameter name to its expected shape (from the reference builder).
+    ``names`` maps each kiln parameter name to its expected shape (from the reference builder). With
+    ``pre``, a parameter whose ``X.weight`` the checkpoint stores quantized (``X.<first suffix>`` is
+    present instead) comes back as ``NAME.<suffix>`` for every suffix of ``pre``, as stored.
     """
     import torch
     from safetensors import safe_open
@@ -180,10 +241,18 @@ def load_weights(model_dir: Path, spec: ModelSpec, names: dict[str, tuple[int, .
     arch = ARCHITECTURES[spec.architecture]
     files = _weight_files(model_dir)
     want: dict[str, str] = {}
+    as_stored: set[str] = set()  # pre-quantized tensors: no cast, their shapes are checked by their converter
     for kname in names:
         m = re.match(r"layers\.(\d+)\.(.*)", kname)
         tmpl = f"layers.{{i}}.{m.group(2)}" if m else kname
-        want[kname] = arch.weights[tmpl].replace("{i}", m.group(1)) if m else arch.weights[tmpl]
+        hf = arch.weights[tmpl].replace("{i}", m.group(1)) if m else arch.weights[tmpl]
+        base = hf.removesuffix(".weight")
+        if pre is not None and hf not in files and f"{base}.{pre.suffixes[0]}" in files:
+            for suffix in pre.suffixes:
+                want[f"{kname}.{suffix}"] = f"{base}.{suffix}"
+                as_stored.add(f"{kname}.{suffix}")
+        else:
+            want[kname] = hf
     missing = sorted({hf for hf in want.values() if hf not in files})
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -204,10 +273,12 @@ def load_weights(model_dir: Path, spec: ModelSpec, names: dict[str, tuple[int, .
             with safe_open(str(path), framework="pt") as f:
                 for kname in knames:
                     t = f.get_tensor(want[kname])
-                    if tuple(t.shape) != tuple(names[kname]):
-                        raise CheckpointError(f"{want[kname]} in {path.name} has shape {tuple(t.shape)}, "
-                                              f"config.json implies {tuple(names[kname])}")
-                    out[kname] = t.to(dt).contiguous()
+                    if kname not in as_stored:
+                        if tuple(t.shape) != tuple(names[kname]):
+                            raise CheckpointError(f"{want[kname]} in {path.name} has shape {tuple(t.shape)}, "
+                                                  f"config.json implies {tuple(names[kname])}")
+                        t = t.to(dt).contiguous()
+                    out[kname] = t
                     bar.update()
         except CheckpointError:
             raise

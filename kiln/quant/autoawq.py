@@ -13,7 +13,8 @@ Nibble ``i`` (bits ``4i .. 4i+3``) of word ``j`` holds column ``8j + AWQ_ORDER[i
 (AutoAWQ's ``AWQ_REVERSE_ORDER``). The checkpoint's quant_config reads
 ``{"quant_method": "awq", "zero_point": true, "q_group_size" or "group_size": 128, "w_bit" or "bits": 4,
 "version": "gemm"}``. kiln's layout (formats.py) is the same numbers in ``[out, in]`` order with
-plain nibble order and uint8 zeros.
+plain nibble order and uint8 zeros. ``from_autoawq`` turns a whole imported checkpoint (frontend/hf.py
+reads the stored tensors) into kiln's ``awq-w4g128`` params: ``kiln compile AWQ_DIR`` needs no calibration.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
+from ..ir.spec import ModelSpec
 from .formats import pack_int4, unpack_int4
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -76,3 +78,39 @@ def to_kiln(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, d
         raise CheckpointError(f"the AutoAWQ checkpoint has groups of {in_f // n_groups} inputs; kiln's weight-only "
                               f"layout uses {group_size}: re-quantize with q_group_size={group_size}")
     return {"qweight": pack_int4(q), "scales": s.to(dtype), "zeros": zeros}
+
+
+def from_autoawq(params: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """An imported AutoAWQ GEMM checkpoint -> kiln's ``awq-w4g128`` params, with no calibration.
+
+    ``params`` (frontend ``import_hf`` of the checkpoint) holds each decoder linear ``NAME`` as its stored
+    ``NAME.qweight`` / ``NAME.qzeros`` / ``NAME.scales`` and everything else in the model dtype; the result
+    holds ``NAME.qweight`` / ``NAME.scales`` / ``NAME.zeros`` (formats.py, scales in the model dtype) in
+    their place and everything else unchanged, in order — what ``quantize_params(.., "awq-w4g128", ..)``
+    returns for a float model. Nothing is folded: AutoAWQ already folded its scales into the norms."""
+    from .schemes import linear_shapes
+
+    shapes = linear_shapes(spec)
+    dtype = getattr(torch, spec.dtype)
+    out: dict[str, torch.Tensor] = {}
+    for key, t in params.items():
+        if key in shapes:
+            raise CheckpointError(f"{key} is not quantized in the AutoAWQ checkpoint (modules_to_not_convert?); "
+                                  f"kiln's awq-w4g128 needs every decoder linear quantized")
+        name, _, suffix = key.rpartition(".")
+        if name not in shapes:
+            out[key] = t
+            continue
+        if suffix != "qweight":
+            continue  # qzeros and scales are read with their qweight
+        try:
+            packed = to_kiln(t, params[f"{name}.qzeros"], params[f"{name}.scales"], dtype)
+        except CheckpointError as e:
+            raise CheckpointError(f"{name}: {e}") from None
+        out_f, in_f = shapes[name]
+        if tuple(packed["qweight"].shape) != (out_f, in_f // 8):
+            got_out, got_in = packed["qweight"].shape[0], packed["qweight"].shape[1] * 8
+            raise CheckpointError(f"{name}: the AutoAWQ tensors hold a [{got_out}, {got_in}] weight, config.json "
+                                  f"implies [{out_f}, {in_f}]")
+        out.update({f"{name}.{suf}": packed[suf] for suf in ("qweight", "scales", "zeros")})
+    return out
