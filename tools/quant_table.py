@@ -62,6 +62,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="a scratch directory for the calibration and artifacts")
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--decode-steps", type=int, default=64)
+    ap.add_argument("--arch", default=None, help="CPU arch for every artifact (x86-64-v3: AVX2, whose per-lane shifts "
+                                                  "the 4-bit unpacking needs; default: the portable baseline)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -83,7 +85,7 @@ def main() -> None:
         art = args.out / scheme
         t0 = time.perf_counter()
         quant = {} if scheme == "fp32" else {"quant": scheme, "calib": calib}
-        compile_model(args.model_dir, art, CompileConfig(**quant))
+        compile_model(args.model_dir, art, CompileConfig(arch=args.arch, **quant))
         secs = time.perf_counter() - t0
         ppl = evaluate_perplexity(art, heldout, window=args.window)
         rows.append({"scheme": scheme, "perplexity": ppl.perplexity, "tokens_scored": ppl.num_tokens_scored,
@@ -94,7 +96,7 @@ def main() -> None:
         row["decode_tok_s"] = decode_tokens_per_s(args.out / row["scheme"], args.decode_steps)
     by = {r["scheme"]: r["perplexity"] for r in rows}
     gaps = {f"w{b}": (by[f"awq-w{b}g128"] - by["fp32"]) / (by[f"rtn-w{b}g128"] - by["fp32"]) for b in (4, 3)}
-    result = {"model": str(args.model_dir), "window": args.window, "rows": rows, "awq_gap_over_rtn_gap": gaps,
+    result = {"model": str(args.model_dir), "arch": args.arch or "x86-64", "window": args.window, "rows": rows, "awq_gap_over_rtn_gap": gaps,
               "w4a8_over_fp32": by["w4a8"] / by["fp32"]}
     print(f"| scheme | perplexity | weights (MB) | linears (MB) | decode tok/s (batch 1) |")
     print("|---|---|---|---|---|")

@@ -109,7 +109,10 @@ def _schedule(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:
         return None
     sch = tvm.s_tir.Schedule(func)
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    if not blocks or not (_match_nt_matmul(sch.get(blocks[0])) or _is_quant_matmul(sch.get(blocks[0]))):
+    if not blocks:
+        return None
+    quant = _is_quant_matmul(sch.get(blocks[0]))
+    if not (quant or _match_nt_matmul(sch.get(blocks[0]))):
         return None
     mm, epilogue = blocks[0], list(blocks[1:])
     for b in epilogue:  # the rest must be elementwise over [m, n]: bias, residual, activation
@@ -129,7 +132,8 @@ def _schedule(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:
     n, kk = _as_int(sch.get(loops[1]).extent), _as_int(sch.get(loops[2]).extent)
     if n is None or kk is None:
         return None
-    vk, nj = _largest_divisor(kk, lanes), _largest_divisor(n, NJ)
+    # a packed int32 word holds 8 columns: with vk = 8 the word index and the nibble are plain loop vars
+    vk, nj = (8 if quant and kk % 8 == 0 else _largest_divisor(kk, lanes)), _largest_divisor(n, NJ)
     if vk < 4:
         return None
 
