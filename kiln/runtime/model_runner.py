@@ -200,3 +200,26 @@ class ModelRunner:
         logits = self._to_host(out[0]).reshape(b, -1)
         self.last_timing = (t1 - t0, t2 - t1, time.perf_counter() - t2)  # inputs, model, logits to host
         return logits
+
+    def prefill_rows(self, seq_id: int, token_ids: list[int], positions: np.ndarray) -> np.ndarray:
+        """Append ``token_ids`` to sequence ``seq_id`` in one ``batch_prefill`` call; return the logits
+        [len(positions), V] float32 of the tokens at ``positions`` (indices into ``token_ids``).
+
+        ``forward`` asks for each sequence's last row only; scoring (kiln eval) needs every row, which
+        the same entry point gives when asked for them."""
+        n, H = len(token_ids), self.spec.hidden_size
+        if not 0 < n <= self.kv.config.prefill_chunk_size:
+            raise KilnError(f"prefill_rows takes 1 to {self.kv.config.prefill_chunk_size} tokens, got {n}")
+        if len(positions) == 0 or positions.min() < 0 or positions.max() >= n:
+            raise KilnError(f"prefill_rows: positions must be in [0, {n})")
+        S = self._ffi.Shape
+        self._inflight = []
+        ids = self._to_device(np.asarray(token_ids, dtype=np.int32))
+        pos = self._to_device(np.asarray(positions, dtype=np.int32))
+        embeds = self.fns["embed"](ids, self.params)  # [n, H]
+        self.kv.begin_forward([seq_id], [n])
+        try:
+            out = self.fns["batch_prefill"](self._reshape(embeds, S([1, n, H])), pos, self.kv.handle, self.params)
+        finally:
+            self.kv.end_forward()
+        return self._to_host(out[0]).reshape(len(positions), -1)

@@ -95,28 +95,6 @@ def token_nll(logits: np.ndarray, targets: np.ndarray) -> float:
     return total
 
 
-def prefill_logits(runner: ModelRunner, seq_id: int, token_ids: list[int], positions: np.ndarray) -> np.ndarray:
-    """Append ``token_ids`` to sequence ``seq_id`` in one ``batch_prefill`` call; return the logits
-    [len(positions), V] float32 of the tokens at ``positions`` (indices into ``token_ids``, >= 1 of them).
-
-    The serving path (``ModelRunner.forward``) asks for each sequence's last row only; scoring needs
-    every row, which the same entry point gives when asked for them."""
-    n, H = len(token_ids), runner.spec.hidden_size
-    assert 0 < n <= runner.kv.config.prefill_chunk_size and len(positions) > 0
-    assert positions.min() >= 0 and positions.max() < n
-    S = runner._ffi.Shape
-    runner._inflight = []
-    ids = runner._to_device(np.asarray(token_ids, dtype=np.int32))
-    pos = runner._to_device(positions.astype(np.int32))
-    embeds = runner.fns["embed"](ids, runner.params)  # [n, H]
-    runner.kv.begin_forward([seq_id], [n])
-    try:
-        out = runner.fns["batch_prefill"](runner._reshape(embeds, S([1, n, H])), pos, runner.kv.handle, runner.params)
-    finally:
-        runner.kv.end_forward()
-    return runner._to_host(out[0]).reshape(len(positions), -1)  # [m, V]
-
-
 def window_nll(runner: ModelRunner, token_ids: np.ndarray, w: Window) -> float:
     """Sum of -log p(x[t] | x[w.begin..t)) over the window's scored tokens, on a fresh KV sequence."""
     chunk = runner.kv.config.prefill_chunk_size
@@ -129,9 +107,9 @@ def window_nll(runner: ModelRunner, token_ids: np.ndarray, w: Window) -> float:
             targets = np.arange(max(lo + 1, w.first_scored), min(hi + 1, w.end))
             positions = targets - 1 - lo
             if len(targets) == 0:  # a context-only chunk: the entry point still wants one row
-                prefill_logits(runner, 0, token_ids[lo:hi].tolist(), np.array([hi - lo - 1]))
+                runner.prefill_rows(0, token_ids[lo:hi].tolist(), np.array([hi - lo - 1]))
                 continue
-            logits = prefill_logits(runner, 0, token_ids[lo:hi].tolist(), positions)
+            logits = runner.prefill_rows(0, token_ids[lo:hi].tolist(), positions)
             nll += token_nll(logits, token_ids[targets])
     finally:
         runner.kv.remove_sequence(0)
