@@ -164,3 +164,25 @@ def test_ragged_last_group_and_unpackable_width():
         "w.qweight": ((4, 5), "int32"), "w.scales": ((4, 2), "float32"), "w.zeros": ((4, 2), "uint8")}
     with pytest.raises(PassError, match="multiple of 8"):
         packed_layout({"w": ((4, 36), "float32")}, {"w"}, "w4a8", 32)
+
+
+@pytest.mark.parametrize("out_dtype", ["float32", "float16"])
+def test_weight_only_kernel_matches_the_numpy_reference(out_dtype):
+    """The fused dequantize-in-the-sum kernel against kiln/quant/formats.py, a short last group included."""
+    from kiln.quant import formats
+
+    rng = np.random.default_rng(2)
+    n, O, K = 3, 16, 80  # groups of 32: 32, 32, 16
+    x = rng.standard_normal((n, K)).astype("float32")
+    q = rng.integers(0, 16, (O, K))
+    scales = (0.01 + 0.02 * rng.random((O, 3))).astype("float32")
+    zeros = rng.integers(0, 16, (O, 3)).astype("uint8")
+    ph = [te.placeholder(_i64(n, K), "float32", "x"), te.placeholder(_i64(O, K // 8), "int32", "qw"),
+          te.placeholder(_i64(O, 3), "float32", "s"), te.placeholder(_i64(O, 3), "uint8", "z")]
+    f = _build_te(lambda *a: qk.weight_only_matmul(*a, group=G, out_dtype=out_dtype), *ph)
+    dev = tvm.cpu()
+    y = tvm.runtime.tensor(np.zeros((n, O), out_dtype), dev)
+    f(*[tvm.runtime.tensor(a, dev) for a in (x, pack(q), scales, zeros)], y)
+    want = formats.reference_weight_only_matmul(x, pack(q), scales, zeros, group=G)
+    np.testing.assert_allclose(y.numpy().astype("float32"), want, rtol=1e-5 if out_dtype == "float32" else 1e-3,
+                               atol=1e-5 if out_dtype == "float32" else 1e-3)
