@@ -139,6 +139,7 @@ def inspect(artifact, as_json):
         "kv_bytes_per_token": spec.kv_bytes_per_token,
         "weights": "included" if art.has_weights else "none",
         "tokenizer": "placeholder" if art.placeholder_tokenizer else "included",
+        "quant": art.manifest.get("options", {}).get("quant"),
     }
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -157,6 +158,10 @@ def inspect(artifact, as_json):
                f"{', tied embeddings' if spec.tie_word_embeddings else ''}")
     click.echo(f"kv cache    {spec.kv_bytes_per_token} bytes per token "
                f"(2 x {spec.num_layers} layers x {spec.num_kv_heads} kv heads x {spec.head_dim} x {spec.dtype_bytes} B)")
+    if info["quant"]:
+        src = art.manifest["options"].get("source_format", "hf")
+        click.echo(f"quant       {info['quant']} (decoder linears; embedding and lm_head in {spec.dtype})"
+                   f"{', from an AutoAWQ checkpoint' if src == 'autoawq' else ''}")
     if not art.has_weights:
         click.echo("weights     none (compiled from config.json alone): runs only with random weights, for benchmarks")
     if art.placeholder_tokenizer:

@@ -116,3 +116,17 @@ def test_awq_beats_rtn_and_w4a8_stays_close_on_heldout_text(zoo, calib):
     print("\n" + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()))
     assert ppl["awq-w4g128"] < ppl["rtn-w4g128"] and ppl["awq-w3g128"] < ppl["rtn-w3g128"], ppl
     assert ppl["fp32"] < ppl["awq-w4g128"] and ppl["w4a8"] < 1.10 * ppl["fp32"], ppl
+
+
+def test_inspect_reports_the_scheme(zoo, calib):
+    import json
+
+    from click.testing import CliRunner
+
+    from kiln.cli import main
+
+    art = zoo.artifact("demo", quant="rtn-w4g128", calib=calib)
+    r = CliRunner().invoke(main, ["inspect", str(art)])
+    assert r.exit_code == 0 and "quant       rtn-w4g128" in r.output
+    r = CliRunner().invoke(main, ["inspect", str(art), "--json"])
+    assert json.loads(r.output)["quant"] == "rtn-w4g128"
