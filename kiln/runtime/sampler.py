@@ -43,6 +43,7 @@ MAX_N = 16
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_SEED = 2**64 - 1
+TOP_K_FAST_PATH = 256  # batches whose rows all cut at top_k <= this draw from the candidates alone
 
 
 def _check(ok: bool, field: str, allowed: str, value) -> None:
@@ -191,6 +192,10 @@ class Sampler:
         temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32).unsqueeze(1)
         # unnormalised probabilities, the most likely token at exactly 1: [m, V]
         weights = torch.sub(x, x.amax(dim=-1, keepdim=True)).div_(temperature).exp_()
+        if V > 4 * TOP_K_FAST_PATH and all(0 < p.top_k <= TOP_K_FAST_PATH for p in params):
+            tokens = self._draw_top_k(weights.numpy(), rows, params)
+            if tokens is not None:
+                return tokens
         thr = cut_thresholds(weights, params)
         if thr is not None:
             weights = weights * (weights >= thr)  # (masked_fill is 3x slower here)
@@ -201,6 +206,47 @@ class Sampler:
             over = (tokens >= V).nonzero().squeeze(1)
             tokens[over] = V - 1 - (weights[over] > 0).flip(-1).to(torch.uint8).argmax(dim=-1)
         return tokens
+
+    def _draw_top_k(self, w: np.ndarray, rows: list[SamplingRow], params: list[SamplingParams]) -> torch.Tensor | None:
+        """``_draw`` for a batch whose every row has a top-k cut, over each row's largest weights only:
+        one O(V) partition instead of a sort, a cumsum and a CDF over the whole vocabulary.
+
+        The candidates are the ``max(k) + 1`` largest weights of each row. Every kept token is one of them
+        as long as a row's k-th largest weight is above the smallest candidate (otherwise a tie with a
+        token outside could be kept): then the cuts are top-k's (ties included), top-p's (the smallest set
+        of most likely tokens whose mass reaches top_p of top-k's mass) and min_p's, as in
+        ``cut_thresholds``, and the CDF runs over the kept candidates in token-id order — the same sums as
+        the full CDF, whose cut tokens add exactly 0. Returns None (draw nothing) when a tie forbids it."""
+        m, V = w.shape
+        c = max(p.top_k for p in params) + 1
+        idx = np.argpartition(w, V - c, axis=1)[:, V - c:]  # [m, c]: the c largest, unordered
+        vals = np.take_along_axis(w, idx, axis=1)
+        order = np.argsort(vals, axis=1, kind="stable")
+        idx, vals = np.take_along_axis(idx, order, axis=1), np.take_along_axis(vals, order, axis=1)  # ascending
+        k = np.array([p.top_k for p in params])
+        kth = vals[np.arange(m), c - k][:, None]  # [m, 1]
+        if (kth <= vals[:, :1]).any():
+            return None
+        thr = kth.astype(np.float64)
+        top_p = np.array([p.top_p for p in params])[:, None]
+        if (top_p < 1.0).any():
+            kept = np.where(vals >= kth, vals, 0).astype(np.float64)
+            above = kept[:, ::-1].cumsum(axis=1)[:, ::-1] - kept  # mass of the kept tokens more likely than j
+            mass_k = kept.sum(axis=1, keepdims=True)
+            first_p = np.argmax(above < top_p * mass_k, axis=1)  # the first (least likely) token top-p keeps
+            thr = np.where(top_p < 1.0, np.maximum(thr, vals[np.arange(m), first_p][:, None]), thr)
+        min_p = np.array([p.min_p for p in params])[:, None]
+        thr = np.maximum(thr, min_p)
+        by_id = np.argsort(idx, axis=1)
+        idx, vals = np.take_along_axis(idx, by_id, axis=1), np.take_along_axis(vals, by_id, axis=1)
+        weights = np.where(vals >= thr, vals, 0).astype(np.float64)
+        cdf = weights.cumsum(axis=1)
+        target = self._uniforms(rows).numpy() * cdf[:, -1]
+        pos = (cdf <= target[:, None]).sum(axis=1)  # first cdf > target
+        over = pos >= c  # u * total rounded up to total: the last token with weight
+        if over.any():
+            pos[over] = c - 1 - np.argmax((weights[over] > 0)[:, ::-1], axis=1)
+        return torch.from_numpy(idx[np.arange(m), pos].astype(np.int64))
 
     def _uniforms(self, rows: list[SamplingRow]) -> torch.Tensor:
         """One U[0, 1) per row, float64 [m]: from the row's own generator, else from one draw of the shared one."""

@@ -573,3 +573,48 @@ def test_benchmark_batched_sampler():
           f"(greedy / top-p / top-k+seed / min_p)")
     assert greedy_ms < 20
     assert mixed_ms < 500
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The top-k fast path (every row cut by top_k, a large vocabulary): candidates instead of a full sort
+
+
+def _big_logits(m: int, V: int = 3000, seed: int = 0) -> torch.Tensor:
+    return torch.as_tensor(np.random.default_rng(seed).normal(0.0, 2.5, (m, V)).astype(np.float32))
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=50), dict(top_k=40, top_p=0.9, temperature=0.8),
+                                dict(top_k=200, top_p=0.5, min_p=0.01), dict(top_k=1, temperature=2.0)])
+def test_top_k_fast_path_follows_reference(kw):
+    lg = _big_logits(1, seed=4)[0].numpy()
+    params = SamplingParams(**kw)
+    assert_draws_follow(draw_many(lg, params, 20000, seed=3), probabilities(lg, params))
+
+
+def test_top_k_fast_path_draws_what_the_full_path_draws(monkeypatch):
+    """Same logits, same generators: identical tokens with the fast path on and off (mixed k, p, min_p)."""
+    import kiln.runtime.sampler as sampler_mod
+
+    x = _big_logits(64, seed=7)
+    kws = [dict(top_k=50, temperature=0.8, top_p=0.95), dict(top_k=5), dict(top_k=100, min_p=0.05, top_p=0.7),
+           dict(top_k=1), dict(top_k=256, top_p=0.99, temperature=1.5, seed=9)]
+    rows = [SamplingRow(SamplingParams(**kws[i % len(kws)]),
+                        choice_generator(9, i) if i % len(kws) == 4 else None) for i in range(64)]
+    fast = Sampler(x.shape[1], seed=5)(x, rows)[0]
+    rows = [SamplingRow(r.params, choice_generator(9, i) if r.generator is not None else None)
+            for i, r in enumerate(rows)]
+    monkeypatch.setattr(sampler_mod, "TOP_K_FAST_PATH", 0)
+    full = Sampler(x.shape[1], seed=5)(x, rows)[0]
+    assert fast == full
+
+
+def test_top_k_fast_path_falls_back_on_a_tie():
+    """A tie at the k-th weight with tokens outside the candidates: the full path keeps them all."""
+    V = 2000
+    x = torch.full((1, V), -5.0)
+    x[0, :3] = 4.0
+    x[0, 100:400] = 1.0  # 300 tokens tied at the k-th largest for k = 10
+    params = SamplingParams(top_k=10)
+    draws = draw_many(x[0].numpy(), params, 6000, seed=1)
+    assert set(np.unique(draws)) <= set(range(3)) | set(range(100, 400))
+    assert (draws >= 100).sum() > 1000 and len(set(draws[draws >= 100])) > 200  # the whole tie, not 7 of it
