@@ -83,6 +83,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator  # noqa: E402
 from tvm.relax.frontend.nn.llm.kv_cache import RopeMode, TIRPagedKVCache  # noqa: E402
 from tvm.s_tir import dlight  # noqa: E402
 from tvm.target import Target  # noqa: E402
+from tvm_ffi import structural_equal  # noqa: E402  (was tvm.ir.structural_equal)
 
 TVM_VERSION = tvm.__version__
 
@@ -102,6 +103,14 @@ def _register_kiln_errors() -> None:
 _register_kiln_errors()
 
 
+def frontend(name: str):
+    """TVM's importer ``tvm.relax.frontend.<name>`` ("torch": ``from_exported_program``, "onnx":
+    ``from_onnx``), imported on first use because the torch one imports torch."""
+    import importlib
+
+    return importlib.import_module(f"tvm.relax.frontend.{name}")
+
+
 def cuda_runtime_loaded() -> bool:
     """True when TVM's CUDA runtime loaded, so CUDA builds embed machine code, not source."""
     from tvm import base
@@ -111,5 +120,5 @@ def cuda_runtime_loaded() -> bool:
 
 __all__ = [
     "CUDA_DRIVER", "IRModule", "PyExprMutator", "RopeMode", "TIRPagedKVCache", "TVM_VERSION", "Target",
-    "cuda_runtime_loaded", "dlight", "mutator", "relax", "te", "tirx", "topi", "tvm",
+    "cuda_runtime_loaded", "dlight", "frontend", "mutator", "relax", "structural_equal", "te", "tirx", "topi", "tvm",
 ]
