@@ -137,6 +137,17 @@ def zoo(workdir) -> _Zoo:
     return _Zoo(workdir)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models and tensors: torch's intra-op threads only fight (each other and a busy 2-core machine)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def fresh_copy(tmp_path):
     """Copy a directory into this test's tmp dir (for tests that modify an artifact)."""

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import DEMO_MODEL, MODELS, VOCAB
 
-pytestmark = pytest.mark.cpu
+pytestmark = [pytest.mark.cpu, pytest.mark.usefixtures("one_torch_thread")]
 
 VARIANTS = [*MODELS, "demo"]
 LENGTHS = (3, 9, 17, 30)  # prompt lengths of the four prompts of every model
@@ -42,17 +42,6 @@ class Counter:
         self.counts[key] = self.counts.get(key, 0) + n
         return self.counts[key]
 '''
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The models are tiny: torch's intra-op threads only fight (each other and a busy machine) over them."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

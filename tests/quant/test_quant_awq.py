@@ -10,12 +10,7 @@ from kiln.quant.schemes import Calibration
 from kiln.quant.smooth import fold_scales, scale_groups, smooth_layer, smoothquant_scales
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def spec(num_kv_heads=4, bias=False):

@@ -10,13 +10,7 @@ from kiln.quant.formats import (dequantize_weight_only, int8_matmul, pack_int4, 
                                 reference_w8a8_matmul, unpack_int4, w4a8_weight_int8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny tensors: intra-op threads only cost time, badly so on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def weights(out_f, in_f, seed=0):

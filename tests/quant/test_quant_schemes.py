@@ -13,12 +13,7 @@ from kiln.quant.smooth import smooth_layer
 from conftest import DEMO_MODEL
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def load_demo(dtype=None):
