@@ -20,6 +20,9 @@ return logits) raise CheckpointError / UnsupportedModelError naming the file, op
 from __future__ import annotations
 
 import collections
+import importlib
+import logging
+import re
 import traceback
 import zipfile
 from dataclasses import dataclass
@@ -87,11 +90,55 @@ def _read_program(path_or_ep):
         raise CheckpointError(f"{path} does not exist or is not a file; expected a .pt2 file from torch.export.save")
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path} is not a torch.export archive (.pt2, a zip file written by torch.export.save)")
-    try:
-        return torch.export.load(path), str(path)
-    except Exception as e:  # torch raises many types for a wrong or truncated archive
-        raise CheckpointError(f"{path} could not be loaded by torch.export.load ({short_error(e)}); "
-                              "save the program with torch.export.save") from None
+    imported: set[str] = set()
+    while True:
+        logged = _LoggedErrors()
+        logger = logging.getLogger("torch.export")
+        logger.addFilter(logged)  # torch logs the real error as a warning (with a traceback) and raises another
+        try:
+            return torch.export.load(path), str(path)
+        except Exception as e:  # torch raises many types for a wrong or truncated archive
+            error = short_error(logged.errors[0] if logged.errors else e)
+            # A program returning a transformers ModelOutput names its class in the archive; torch can only
+            # rebuild it once the class's module is imported (which registers it with torch's pytree).
+            module = next((m for m in map(_unregistered_pytree_module, [*logged.errors, e]) if m), None)
+            if module is None or module in imported:
+                break
+            imported.add(module)
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                break
+        finally:
+            logger.removeFilter(logged)
+    raise CheckpointError(f"{path} could not be loaded by torch.export.load ({error}); "
+                          "save the program with torch.export.save")
+
+
+class _LoggedErrors(logging.Filter):
+    """Keeps back and collects the exceptions logged with exc_info (torch.export.load logs the real cause,
+    then raises a generic RuntimeError); other records pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.errors: list[BaseException] = []
+
+    def filter(self, record):
+        if record.exc_info and record.exc_info[1] is not None:
+            self.errors.append(record.exc_info[1])
+            return False
+        return True
+
+
+def _unregistered_pytree_module(exc: BaseException | None) -> str | None:
+    """``transformers.modeling_outputs`` from "Deserializing transformers.modeling_outputs.X in pytree is not
+    registered" anywhere in ``exc``'s chain, else None."""
+    while exc is not None:
+        m = re.search(r"Deserializing ([\w.]+)\.\w+ in pytree is not registered", str(exc))
+        if m:
+            return m.group(1)
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _check_signature(ep, where: str) -> tuple[list[str], dict[str, str]]:
