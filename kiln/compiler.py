@@ -34,6 +34,7 @@ class CompileConfig:
     calib: Path | None = None  # `kiln calibrate` output, for the schemes that need activation statistics
     dump_ir: Path | None = None
     keep_reference: bool = False  # keep the dense forward in the library (for self-checks)
+    tokenizer: Path | None = None  # a .pt2/.onnx graph's tokenizer directory (a checkpoint directory has its own)
 
 
 @dataclass
@@ -45,6 +46,7 @@ class CompileReport:
 def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
                   progress: Callable[[str], None] = lambda s: None) -> CompileReport:
     from .codegen.targets import resolve_target
+    from .frontend.graph import GRAPH_SUFFIXES, is_graph_file
     from .frontend.hf import load_spec, prequantized, tokenizer_files
     from .frontend.placeholder_tokenizer import write_placeholder_tokenizer
 
@@ -53,8 +55,15 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").exists())):
         raise KilnError(f"{out} exists and is not a kiln artifact; refusing to overwrite it")
-    spec = load_spec(Path(model_dir), dtype=config.dtype, context_len=config.context_len)
-    pre = prequantized(Path(model_dir))
+    graph = is_graph_file(model_dir)
+    if graph:
+        _check_graph_options(Path(model_dir), config)
+        pre = None
+    else:
+        if config.tokenizer is not None:
+            raise KilnError(f"--tokenizer is for .pt2/.onnx graphs; {model_dir} brings its own tokenizer")
+        load_spec(Path(model_dir), dtype=config.dtype, context_len=config.context_len)
+        pre = prequantized(Path(model_dir))
     quant = _scheme_name(model_dir, config, pre)
     scheme = calib = None
     if quant is not None:
@@ -69,7 +78,7 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
             calib = load_calibration(config.calib)[0]
     placeholder = config.config_only and not (Path(model_dir) / "tokenizer.json").exists()
     if not placeholder:
-        tokenizer_files(Path(model_dir))
+        tokenizer_files(config.tokenizer if graph else Path(model_dir))
 
     from .codegen.build import build, export
     from .frontend import import_hf
@@ -84,9 +93,17 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
         report.seconds[name] = round(now - t, 3)
         t = now
 
-    progress("importing the config (no weights)" if config.config_only else "importing the checkpoint")
-    imported = import_hf(model_dir, dtype=config.dtype, context_len=config.context_len,
-                         with_tokenizer=not placeholder, with_weights=not config.config_only)
+    if graph:
+        from .frontend.graph import import_graph
+
+        progress("importing and recognising the graph")
+        imported = import_graph(model_dir, config.tokenizer, dtype=config.dtype, context_len=config.context_len,
+                                dump_dir=config.dump_ir)
+    else:
+        progress("importing the config (no weights)" if config.config_only else "importing the checkpoint")
+        imported = import_hf(model_dir, dtype=config.dtype, context_len=config.context_len,
+                             with_tokenizer=not placeholder, with_weights=not config.config_only)
+    spec = imported.spec
     layout, params, mod = imported.param_layout, imported.params, imported.mod
     if scheme is not None:
         progress(f"quantizing ({scheme.name})")
@@ -117,7 +134,8 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
                        tokenizer="placeholder" if placeholder else "included",
                        options={"dtype": imported.spec.dtype, "context_len": imported.spec.context_len,
                                 "quant": scheme.name if scheme else None, "source": Path(model_dir).name,
-                                "source_format": pre.source_format if pre else "hf",
+                                "source_format": pre.source_format if pre else
+                                GRAPH_SUFFIXES[Path(model_dir).suffix] if graph else "hf",
                                 "config_only": config.config_only},
                        tvm_versions=installed_tvm_versions())
         for f in tmp.iterdir():
@@ -132,6 +150,17 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
     lap("write")
     report.artifact_bytes = sum(load_artifact(out).file_sizes().values()) + (out / "manifest.json").stat().st_size
     return report
+
+
+def _check_graph_options(path: Path, config: CompileConfig) -> None:
+    """What a .pt2/.onnx graph cannot be compiled with, before any work."""
+    if not path.is_file():
+        raise KilnError(f"{path} does not exist or is not a file")
+    if config.tokenizer is None:
+        raise KilnError(f"{path} is a model graph: pass --tokenizer DIR (a directory with tokenizer.json, and "
+                        "ideally the model's config.json)")
+    if config.config_only:
+        raise KilnError("--config-only compiles a Hugging Face config.json; a graph file carries its weights")
 
 
 def _scheme_name(model_dir, config: CompileConfig, pre) -> str | None:

@@ -1,0 +1,145 @@
+"""A model graph on disk (``.pt2`` from torch.export, ``.onnx``) -> kiln's reference form, by recognition.
+
+    import_graph(path, tokenizer_dir, ...) -> ImportedModel
+
+No registry entry and no config is needed for the model's structure: the importer (torch_export.py,
+onnx_import.py) gives a dense Relax graph, and the recognition passes (kiln/passes/recognize_*.py,
+listed in ``recognition_steps``) find RMSNorm, SwiGLU, attention with RoPE, GQA and its causal mask, name
+every weight by its role and rebuild the graph as the reference form; the ModelSpec is read off the
+graph. The tokenizer directory supplies the tokenizer and, when it holds the model's config.json, the
+context length, the end-of-sequence ids and RoPE scaling parameters to check the graph's tables
+against.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CheckpointError, KilnError, UnsupportedModelError
+from . import ImportedModel
+
+GRAPH_SUFFIXES = {".pt2": "torch.export", ".onnx": "onnx"}
+MASK_LEN_MAX = 4097  # the longest sequence the causal mask is evaluated at (finds windows up to 4096)
+
+
+def is_graph_file(path: str | Path) -> bool:
+    return Path(path).suffix in GRAPH_SUFFIXES and not Path(path).is_dir()
+
+
+def _read_config(tokenizer_dir: Path) -> dict:
+    path = tokenizer_dir / "config.json"
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+
+
+def _eos_ids(tokenizer_dir: Path, config: dict) -> tuple[int, ...]:
+    from .hf import _eos_ids
+
+    ids = _eos_ids(tokenizer_dir, config)
+    if ids:
+        return ids
+    tc = tokenizer_dir / "tokenizer_config.json"  # else the tokenizer's own end-of-sequence token
+    eos = json.loads(tc.read_text()).get("eos_token") if tc.exists() else None
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    if eos is None:
+        return ()
+    from tokenizers import Tokenizer
+
+    tid = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).token_to_id(eos)
+    return () if tid is None else (int(tid),)
+
+
+def load_graph(path: Path):
+    """(module, weights name -> numpy array, ImportInfo) from the file's importer."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist or is not a file")
+    if path.suffix == ".pt2":
+        from .torch_export import load_exported_program
+
+        mod, params, info = load_exported_program(path)
+        weights = {k: v.float().numpy() if str(v.dtype) == "torch.bfloat16" else v.numpy() for k, v in params.items()}
+    elif path.suffix == ".onnx":
+        from .onnx_import import load_onnx
+
+        mod, weights, info = load_onnx(path)
+    else:
+        raise UnsupportedModelError(f"{path}: kiln imports .pt2 (torch.export) and .onnx graphs")
+    return mod, {k: np.asarray(v) for k, v in weights.items()}, info
+
+
+def recognition_steps(weights: dict, mask_len: int, rope_hint):
+    """The recognition passes in order, as (name, IRModule -> IRModule); recognize_model comes after."""
+    from ..passes.recognize_attention import recognize_attention
+    from ..passes.recognize_rms_norm import recognize_rms_norm
+    from ..passes.recognize_swiglu import recognize_swiglu
+
+    return [
+        ("recognize_rms_norm", recognize_rms_norm),
+        ("recognize_swiglu", recognize_swiglu),
+        ("recognize_attention", lambda m: recognize_attention(m, weights, mask_len, rope_hint)),
+    ]
+
+
+def import_graph(path: str | Path, tokenizer_dir: str | Path, dtype: str | None = None,
+                 context_len: int | None = None, dump_dir: Path | None = None) -> ImportedModel:
+    import torch
+
+    from ..ir.spec import ModelSpec
+    from ..passes.recognize_model import recognize_model
+    from .hf import _rope, tokenizer_files
+
+    path, tokenizer_dir = Path(path), Path(tokenizer_dir)
+    if not tokenizer_dir.is_dir():
+        raise CheckpointError(f"--tokenizer {tokenizer_dir} is not a directory")
+    toks = tokenizer_files(tokenizer_dir)
+    config = _read_config(tokenizer_dir)
+    ctx = context_len or config.get("max_position_embeddings")
+    if not ctx:
+        raise KilnError(f"{path}: the graph does not say how long a sequence the model serves; pass --context-len "
+                        f"(or put the model's config.json in {tokenizer_dir})")
+    ctx = int(ctx)
+    rope_hint = None
+    if config:
+        try:
+            rope_hint = _rope(config)
+        except UnsupportedModelError:
+            rope_hint = None  # the graph's own tables decide; an unknown scaling fails there, naming the node
+
+    mod, weights, info = load_graph(path)
+    if dump_dir is not None:
+        dump_dir.mkdir(parents=True, exist_ok=True)
+        (dump_dir / "r0-imported.py").write_text(mod.script())
+    mask_len = min(ctx, MASK_LEN_MAX)
+    for i, (name, step) in enumerate(recognition_steps(weights, mask_len, rope_hint), start=1):
+        mod = step(mod)
+        if dump_dir is not None:
+            (dump_dir / f"r{i}-{name}.py").write_text(mod.script())
+    rec = recognize_model(mod)
+    fields = dict(rec.spec)
+    if dtype is not None and dtype != fields["dtype"]:
+        raise UnsupportedModelError(f"{path}: the graph computes in {fields['dtype']}; --dtype {dtype} needs a graph "
+                                    "exported in that dtype")
+    window = fields.pop("sliding_window")
+    spec = ModelSpec(architecture=f"{info.source} graph", context_len=ctx,
+                     sliding_window=None if window is None or window >= ctx else window,
+                     bos_token_id=config.get("bos_token_id"), eos_token_ids=_eos_ids(tokenizer_dir, config), **fields)
+    params, layout = {}, {}
+    for name, (src, transposed) in rec.params.items():
+        a = weights[src].T if transposed else weights[src]
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        params[name] = t.to(torch.bfloat16) if spec.dtype == "bfloat16" else t
+        layout[name] = (tuple(a.shape), spec.dtype)
+    if dump_dir is not None:
+        (dump_dir / f"r{len(recognition_steps(weights, mask_len, rope_hint)) + 1}-recognize_model.py").write_text(
+            rec.mod.script())
+    return ImportedModel(spec, rec.mod, layout, params, toks)
+
+
+__all__ = ["GRAPH_SUFFIXES", "import_graph", "is_graph_file", "load_graph", "recognition_steps"]
