@@ -99,6 +99,28 @@ def make_hf_model(variant: str, path: Path, seed: int = 0):
     return model.eval()
 
 
+def export_graph(model, path: Path) -> Path:
+    """Export ``model.forward(input_ids, attention_mask) -> logits`` (sequence length dynamic, 2..128) to
+    ``path``: a .pt2 with torch.export.save, an .onnx with the dynamo ONNX exporter."""
+    import warnings
+
+    import torch
+
+    model.config.use_cache = False
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    seq = torch.export.Dim("seq", min=2, max=128)
+    dims = {"input_ids": {1: seq}, "attention_mask": {1: seq}}
+    if path.suffix == ".pt2":
+        torch.export.save(torch.export.export(model, (), kwargs, dynamic_shapes=dims), path)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (), str(path), kwargs=kwargs, dynamic_shapes=dims, dynamo=True, verbose=False,
+                              input_names=["input_ids", "attention_mask"], output_names=["logits"])
+    return path
+
+
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("kiln")
@@ -111,6 +133,7 @@ class _Zoo:
         self.root = root
         self._hf: dict = {}
         self._art: dict = {}
+        self._graphs: dict = {}
 
     def hf(self, variant: str):
         """(model_dir, transformers model in float32)"""
@@ -118,6 +141,15 @@ class _Zoo:
             d = self.root / f"hf-{variant}"
             self._hf[variant] = (d, make_hf_model(variant, d))
         return self._hf[variant]
+
+    def graph(self, variant: str, fmt: str) -> Path:
+        """``variant``'s forward(input_ids, attention_mask) -> logits exported with a dynamic sequence length:
+        fmt "pt2" (torch.export.save) or "onnx" (torch.onnx.export, dynamo=True)."""
+        key = (variant, fmt)
+        if key not in self._graphs:
+            _, model = self.hf(variant)
+            self._graphs[key] = export_graph(model, self.root / f"graph-{variant}.{fmt}")
+        return self._graphs[key]
 
     def artifact(self, variant: str, **options) -> Path:
         """Compile ``variant`` (an HF variant name, or "demo" for the bundled model) for the CPU."""

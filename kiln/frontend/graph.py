@@ -133,7 +133,7 @@ def import_graph(path: str | Path, tokenizer_dir: str | Path, dtype: str | None 
     params, layout = {}, {}
     for name, (src, transposed) in rec.params.items():
         a = weights[src].T if transposed else weights[src]
-        t = torch.from_numpy(np.ascontiguousarray(a))
+        t = torch.from_numpy(np.array(a, order="C"))  # a copy: the importers' arrays may be read-only views
         params[name] = t.to(torch.bfloat16) if spec.dtype == "bfloat16" else t
         layout[name] = (tuple(a.shape), spec.dtype)
     if dump_dir is not None:

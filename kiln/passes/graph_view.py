@@ -207,8 +207,10 @@ def rebuild(func: relax.Function, replace: dict, params: list | None = None, nam
                     continue
                 else:
                     value = substitute(b.value, remap)
-                remap[b.var] = bb.emit(value, name_hint=b.var.name)
-            out = bb.emit_output(m(func.body.body))
-        bb.emit_func_output(out)
+                if isinstance(b.var, relax.DataflowVar):
+                    remap[b.var] = bb.emit(value, name_hint=b.var.name)
+                else:  # the block's output
+                    remap[b.var] = bb.emit_output(value, name_hint=b.var.name)
+        bb.emit_func_output(m(func.body.body))
     new = bb.get()[name]
     return relax.analysis.remove_all_unused(new)

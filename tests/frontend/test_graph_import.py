@@ -1,0 +1,149 @@
+"""kiln compile MODEL.pt2|MODEL.onnx --tokenizer DIR: recognised graphs generate what transformers generates.
+
+A random-weight transformers Llama (GQA, untied) and Qwen2 (q/k/v bias, tied embeddings) are exported
+with torch.export (.pt2) and with the dynamo ONNX exporter; each file is compiled for the CPU through
+the recognition passes and must produce, token for token, the greedy continuation of the same model
+compiled from its Hugging Face checkpoint (kiln's hand-written frontend) and of transformers' own
+``generate`` — alone and in a batch. The ModelSpec read off the graph must equal the config's, and the
+artifact's parameters must carry kiln's names. User errors are one-line CLI errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from kiln.artifact import load_artifact
+from kiln.cli import main
+from kiln.compiler import CompileConfig, compile_model
+from kiln.frontend.hf import load_spec
+from kiln.frontend.reference import param_shapes
+from kiln.runtime import LLM, SamplingParams
+
+pytestmark = pytest.mark.cpu
+VARIANTS = ("llama", "qwen2")
+FORMATS = ("pt2", "onnx")
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def compiled(zoo, tmp_path_factory):
+    """(variant, fmt) -> artifact compiled from the exported graph."""
+    out = {}
+
+    def get(variant: str, fmt: str):
+        if (variant, fmt) not in out:
+            model_dir, _ = zoo.hf(variant)
+            art = tmp_path_factory.mktemp("graph-art") / f"{variant}-{fmt}"
+            compile_model(zoo.graph(variant, fmt), art, CompileConfig(tokenizer=model_dir))
+            out[variant, fmt] = art
+        return out[variant, fmt]
+
+    return get
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_graph_generates_like_transformers_and_the_hf_frontend(variant, fmt, zoo, compiled, one_torch_thread):
+    _, hf = zoo.hf(variant)
+    graph_llm = LLM(compiled(variant, fmt))
+    hf_llm = LLM(zoo.artifact(variant))
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(3, 320, size=n).tolist() for n in (5, 23, 40)]
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+    batch = graph_llm.generate(prompts, params)  # continuous batching: all three together
+    reference = hf_llm.generate(prompts, params)
+    for prompt, got, ref in zip(prompts, batch, reference):
+        assert got.token_ids == ref.token_ids, f"{variant} {fmt}: differs from the Hugging Face frontend"
+        assert got.token_ids == hf_greedy(hf, prompt, NEW_TOKENS), f"{variant} {fmt}: differs from transformers"
+    [alone] = graph_llm.generate([prompts[1]], params)
+    assert alone.token_ids == batch[1].token_ids
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_spec_and_parameter_names_read_off_the_graph(variant, fmt, zoo, compiled):
+    model_dir, _ = zoo.hf(variant)
+    art = load_artifact(compiled(variant, fmt))
+    want = load_spec(model_dir)
+    got = art.spec
+    ignore = {"architecture"}
+    diff = {f.name: (getattr(got, f.name), getattr(want, f.name)) for f in dataclasses.fields(want)
+            if f.name not in ignore and getattr(got, f.name) != getattr(want, f.name)}
+    assert not diff, diff
+    assert got.architecture == {"pt2": "torch.export graph", "onnx": "onnx graph"}[fmt]
+    manifest = json.loads((compiled(variant, fmt) / "manifest.json").read_text())
+    assert manifest["param_names"] == list(param_shapes(want))
+    assert {k: v[0] for k, v in manifest["param_shapes"].items()} == {k: list(s) for k, s in param_shapes(want).items()}
+    assert manifest["options"]["source_format"] == {"pt2": "torch.export", "onnx": "onnx"}[fmt]
+
+
+def test_quantized_graph_compile(zoo, tmp_path):
+    """--quant applies to a recognised graph as to a checkpoint: the same linears, the same names."""
+    model_dir, _ = zoo.hf("llama")
+    art = tmp_path / "q"
+    compile_model(zoo.graph("llama", "onnx"), art, CompileConfig(tokenizer=model_dir, quant="rtn-w4g128"))
+    ref = zoo.artifact("llama", quant="rtn-w4g128")
+    layout = [{k: json.loads((a / "manifest.json").read_text())[k] for k in ("param_names", "param_shapes")}
+              for a in (art, ref)]
+    assert layout[0] == layout[1]
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    assert LLM(art).generate([[5, 6, 7]], params)[0].token_ids == LLM(ref).generate([[5, 6, 7]], params)[0].token_ids
+
+
+def test_dump_ir_shows_each_recognition_step(zoo, tmp_path):
+    model_dir, _ = zoo.hf("qwen2")
+    compile_model(zoo.graph("qwen2", "onnx"), tmp_path / "a", CompileConfig(tokenizer=model_dir,
+                                                                              dump_ir=tmp_path / "ir"))
+    names = sorted(p.name for p in (tmp_path / "ir").iterdir())
+    assert names[-5:] == ["r0-imported.py", "r1-recognize_rms_norm.py", "r2-recognize_swiglu.py",
+                          "r3-recognize_attention.py", "r4-recognize_model.py"]
+    assert "R.nn.softmax" in (tmp_path / "ir" / "r2-recognize_swiglu.py").read_text()
+    assert "R.nn.softmax" not in (tmp_path / "ir" / "r3-recognize_attention.py").read_text().split("def main")[1]
+    assert "def forward" in (tmp_path / "ir" / "r4-recognize_model.py").read_text()
+
+
+# ------------------------------------------------------------------------------------------ user errors
+
+
+def _cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_graph_without_tokenizer_is_a_user_error(zoo, tmp_path):
+    r = _cli("compile", zoo.graph("llama", "onnx"), "-o", tmp_path / "a")
+    assert r.exit_code == 1 and "--tokenizer" in r.output and "Traceback" not in r.output
+
+
+def test_tokenizer_option_on_a_checkpoint_is_a_user_error(zoo, tmp_path):
+    model_dir, _ = zoo.hf("llama")
+    r = _cli("compile", model_dir, "--tokenizer", model_dir, "-o", tmp_path / "a")
+    assert r.exit_code == 1 and "--tokenizer is for .pt2/.onnx graphs" in r.output
+
+
+def test_graph_errors_name_the_file(zoo, tmp_path):
+    model_dir, _ = zoo.hf("llama")
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"not a protobuf")
+    r = _cli("compile", bad, "--tokenizer", model_dir, "-o", tmp_path / "a")
+    assert r.exit_code == 1 and str(bad) in r.output and "Traceback" not in r.output
+    r = _cli("compile", tmp_path / "missing.pt2", "--tokenizer", model_dir, "-o", tmp_path / "b")
+    assert r.exit_code == 1 and "does not exist" in r.output
+    r = _cli("compile", zoo.graph("llama", "pt2"), "--tokenizer", model_dir, "--config-only", "-o", tmp_path / "c")
+    assert r.exit_code == 1 and "--config-only" in r.output
+    no_tok = tmp_path / "empty"
+    no_tok.mkdir()
+    r = _cli("compile", zoo.graph("llama", "pt2"), "--tokenizer", no_tok, "-o", tmp_path / "d")
+    assert r.exit_code == 1 and "tokenizer.json" in r.output
