@@ -270,8 +270,10 @@ class _Matcher:
             elif name == "add" and mask is None and sum(a in g.token for a in call.args) == 1:
                 nxt = self.token_arg(call)
                 mask = ("add", next(a for a in call.args if not a.same_as(nxt)))
-            elif name == "where" and mask is None and call.args[1] in g.token and call.args[0] not in g.token:
-                nxt, mask = call.args[1], ("where", call.args[0])
+            elif name == "where" and mask is None and call.args[0] not in g.token and \
+                    sum(a in g.token for a in call.args[1:]) == 1:  # where(allowed, s, -inf) / where(~allowed, -inf, s)
+                keep = call.args[1] in g.token
+                nxt, mask = call.args[1 if keep else 2], ("where" if keep else "where_not", call.args[0])
             else:
                 break
             score_ops.append(var)
@@ -388,7 +390,7 @@ class _Matcher:
                 self.fail(at, "the additive mask has values other than 0 and -inf (a position bias kiln cannot fold)")
             allowed = val == 0
         else:
-            allowed = val.astype(bool)
+            allowed = val.astype(bool) if kind == "where" else ~val.astype(bool)
         if not all(np.array_equal(a, allowed[0]) for a in allowed):
             self.fail(at, "the mask differs between heads")
         allowed = allowed[0]

@@ -1,0 +1,157 @@
+"""kiln.passes.recognize_attention and recognize_model on graphs exported with torch.export.
+
+Besides transformers' graphs (tests/frontend/test_graph_import.py runs those end to end), a small
+hand-written decoder (``TinyLM``) is exported in variants that a recogniser must tell apart: a
+``masked_fill``-style causal mask (``where(~allowed, -inf, scores)``), a sliding window, GQA by
+``repeat_interleave``, and the variants kiln must refuse — no mask (bidirectional), no RoPE, an additive
+position bias, heads split in another order, a GELU MLP — each with an error naming what did not match.
+The recognised graph must compute the imported graph's logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from kiln.errors import PassError
+from kiln.frontend.graph import recognition_steps
+from kiln.frontend.torch_export import load_exported_program
+from kiln.ir.attention import is_attention
+from kiln.ir.tvm import Target, relax, tvm
+from kiln.passes.graph_view import op_name
+from kiln.passes.recognize_model import recognize_model
+
+pytestmark = pytest.mark.cpu
+V, H, HEADS, KV_HEADS, D = 50, 32, 4, 2, 8
+
+
+class TinyLM(torch.nn.Module):
+    """One Llama-style layer written with plain torch ops; the keyword arguments break it on purpose."""
+
+    def __init__(self, mask="causal", window=None, rope=True, bias=False, head_order="standard", mlp="swiglu"):
+        super().__init__()
+        self.mask, self.window, self.rope, self.bias, self.head_order, self.mlp = mask, window, rope, bias, head_order, mlp
+        g = torch.Generator().manual_seed(0)
+        p = lambda *s: torch.nn.Parameter(0.3 * torch.randn(*s, generator=g))  # noqa: E731
+        self.emb, self.q, self.k, self.v, self.o = p(V, H), p(HEADS * D, H), p(KV_HEADS * D, H), p(KV_HEADS * D, H), p(H, HEADS * D)
+        self.n1, self.n2, self.nf = (torch.nn.Parameter(1 + 0.1 * torch.randn(H, generator=g)) for _ in range(3))
+        self.gate, self.up, self.down, self.head = p(64, H), p(64, H), p(H, 64), p(V, H)
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, D, 2).float() / D), persistent=False)
+
+    @staticmethod
+    def norm(x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+
+    def heads(self, x, n):
+        s = x.shape[1]
+        if self.head_order == "standard":
+            return x.view(1, s, n, D).transpose(1, 2)
+        return x.view(1, s, D, n).permute(0, 3, 1, 2)  # [1, n, s, d] with the channels split the other way
+
+    def forward(self, input_ids, attention_mask):
+        s = input_ids.shape[1]
+        x = self.emb[input_ids]
+        h = self.norm(x, self.n1)
+        q, k, v = self.heads(h @ self.q.T, HEADS), self.heads(h @ self.k.T, KV_HEADS), self.heads(h @ self.v.T, KV_HEADS)
+        if self.rope:
+            f = torch.arange(s).float()[:, None] * self.inv_freq[None]
+            cos, sin = torch.cat([f, f], -1).cos(), torch.cat([f, f], -1).sin()
+            rot = lambda t: torch.cat([-t[..., D // 2:], t[..., :D // 2]], -1)  # noqa: E731
+            q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
+        k, v = k.repeat_interleave(HEADS // KV_HEADS, dim=1), v.repeat_interleave(HEADS // KV_HEADS, dim=1)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(D)
+        i, j = torch.arange(s)[:, None], torch.arange(s)[None, :]
+        if self.bias:
+            scores = scores + 0.1 * (j - i).float()  # ALiBi-like: a position bias, not a mask
+        if self.mask == "causal":
+            allowed = j <= i
+            if self.window:
+                allowed = allowed & (i - j < self.window)
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        o = (scores.softmax(-1) @ v).transpose(1, 2).reshape(1, s, HEADS * D)
+        x = x + o @ self.o.T
+        h = self.norm(x, self.n2)
+        act = torch.nn.functional.silu(h @ self.gate.T) if self.mlp == "swiglu" else torch.nn.functional.gelu(h @ self.gate.T)
+        x = x + (act * (h @ self.up.T)) @ self.down.T
+        return self.norm(x, self.nf) @ self.head.T
+
+
+def imported(**kw):
+    model = TinyLM(**kw).eval()
+    ids = torch.randint(0, V, (1, 9))
+    seq = torch.export.Dim("seq", min=2, max=512)
+    ep = torch.export.export(model, (ids, torch.ones_like(ids)), dynamic_shapes=({1: seq}, {1: seq}))
+    mod, params, _ = load_exported_program(ep)
+    return model, mod, {k: v.numpy() for k, v in params.items()}
+
+
+def recognise(mod, weights):
+    for _, step in recognition_steps(weights, 257, None):
+        mod = step(mod)
+    return mod
+
+
+def run_main(mod, weights, ids):
+    target = Target({"kind": "llvm"})
+    ex = tvm.compile(mod, target=target, relax_pipeline=relax.backend.cpu_generic.get_default_pipeline(target))
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    args = [ids, np.ones_like(ids), *(weights[p.name] for p in mod["main"].params[2:])]
+    return vm["main"](*(tvm.runtime.tensor(np.asarray(a), tvm.cpu()) for a in args)).numpy()
+
+
+def composites(mod):
+    return [f for gv, f in mod.functions_items() if is_attention(f)]
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_tiny_decoder_is_recognised_and_computes_the_same(window, one_torch_thread):
+    model, mod, weights = imported(window=window)
+    rec = recognise(mod, weights)
+    [attn] = composites(rec)
+    assert int(attn.attrs["kiln.num_q_heads"]) == HEADS and int(attn.attrs["kiln.num_kv_heads"]) == KV_HEADS
+    assert int(attn.attrs["kiln.head_dim"]) == D and abs(float(attn.attrs["kiln.sm_scale"]) - D ** -0.5) < 1e-7
+    assert float(attn.attrs["kiln.rope_theta"]) == 10000.0 and str(attn.attrs["kiln.rope_type"]) == "default"
+    assert int(attn.attrs["kiln.sliding_window"]) == (window or -1)
+    ops = set()
+    relax.analysis.post_order_visit(rec["main"].body, lambda e: ops.add(op_name(e)))
+    assert "nn.softmax" not in ops and "cos" not in ops
+    ids = np.random.default_rng(0).integers(0, V, (1, 11))
+    np.testing.assert_allclose(run_main(rec, weights, ids), run_main(mod, weights, ids), atol=1e-5)
+    with torch.no_grad():
+        np.testing.assert_allclose(run_main(rec, weights, ids), model(torch.tensor(ids), None).numpy(), atol=1e-4)
+
+
+def test_model_form_names_every_weight():
+    _, mod, weights = imported()
+    ref = recognize_model(recognise(mod, weights))
+    assert list(ref.params) == ["embed_tokens", "layers.0.input_norm", "layers.0.q_proj", "layers.0.k_proj",
+                                "layers.0.v_proj", "layers.0.o_proj", "layers.0.post_attention_norm",
+                                "layers.0.gate_proj", "layers.0.up_proj", "layers.0.down_proj", "final_norm", "lm_head"]
+    assert ref.params["layers.0.q_proj"] == ("q", False) and ref.params["embed_tokens"] == ("emb", False)
+    assert ref.spec["num_layers"] == 1 and ref.spec["intermediate_size"] == 64 and ref.spec["rms_norm_eps"] == 1e-5
+    fwd = ref.mod["forward"]
+    assert [str(d) for d in fwd.params[0].ty.shape] == [str(fwd.params[0].ty.shape[0])] and \
+        fwd.params[0].ty.dtype == "int32"
+    assert fwd.ret_ty.ndim == 2 and fwd.ret_ty.dtype == "float32"
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(mask="none"), "no causal mask on the scores"),
+    (dict(rope=False), "no rotary embedding"),
+    (dict(bias=True), "not from Q @ K^T"),
+    (dict(head_order="swapped"), "heads reach RoPE in an order kiln does not use"),
+])
+def test_attention_that_is_not_kiln_attention_is_refused(kw, message):
+    _, mod, weights = imported(**kw)
+    with pytest.raises(PassError, match="recognize_attention: the attention at .* does not match") as e:
+        recognise(mod, weights)
+    assert message in str(e.value)
+
+
+def test_a_gelu_mlp_is_refused_by_name():
+    _, mod, weights = imported(mlp="gelu")
+    with pytest.raises(PassError, match="neither MLP linear goes through SiLU"):
+        recognize_model(recognise(mod, weights))
