@@ -78,9 +78,11 @@ def main():
               help="activation statistics from `kiln calibrate` (awq-*, w4a8, w8a8 need them)")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
               help="for a .pt2/.onnx graph: the directory with tokenizer.json (and ideally the model's config.json)")
+@click.option("--no-fuse", is_flag=True, help="skip the fusion passes (to measure what they bring)")
 @click.option("-q", "--quiet", is_flag=True)
 @_user_errors
-def compile_cmd(model_dir, out, target, arch, dtype, context_len, dump_ir, config_only, quant, calib, tokenizer, quiet):
+def compile_cmd(model_dir, out, target, arch, dtype, context_len, dump_ir, config_only, quant, calib, tokenizer,
+                no_fuse, quiet):
     """Compile MODEL_DIR into an artifact: a Hugging Face checkpoint directory, or a model graph exported with
     torch.export (.pt2) or to ONNX (.onnx), whose structure kiln recognises (needs --tokenizer)."""
     from .compiler import CompileConfig, compile_model
@@ -89,7 +91,7 @@ def compile_cmd(model_dir, out, target, arch, dtype, context_len, dump_ir, confi
     report = compile_model(model_dir, out, CompileConfig(target=target, arch=arch, dtype=dtype,
                                                          context_len=context_len, dump_ir=dump_ir,
                                                          config_only=config_only, quant=quant, calib=calib,
-                                                         tokenizer=tokenizer),
+                                                         tokenizer=tokenizer, fuse=not no_fuse),
                            progress)
     secs = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())
     click.echo(f"wrote {out} ({report.artifact_bytes / 1e6:.1f} MB; {secs})")

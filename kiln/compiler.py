@@ -35,6 +35,7 @@ class CompileConfig:
     dump_ir: Path | None = None
     keep_reference: bool = False  # keep the dense forward in the library (for self-checks)
     tokenizer: Path | None = None  # a .pt2/.onnx graph's tokenizer directory (a checkpoint directory has its own)
+    fuse: bool = True  # the fusion passes (QKV, gate/up + SiLU·mul, residual add + RMSNorm)
 
 
 @dataclass
@@ -82,7 +83,8 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
 
     from .codegen.build import build, export
     from .frontend import import_hf
-    from .passes.pipeline import build_pipeline, run_pipeline
+    from .passes.linears import apply_merges
+    from .passes.pipeline import Fusion, build_pipeline, run_pipeline
 
     report = CompileReport()
     t = time.perf_counter()
@@ -110,7 +112,11 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
         layout, params, mod = _quantize(imported, scheme, calib)
     lap("import")
     progress("running passes")
-    mod = run_pipeline(mod, build_pipeline(target, config.keep_reference), config.dump_ir)
+    fusion = Fusion(layout, scheme.group_size if scheme else None) if config.fuse else None
+    mod = run_pipeline(mod, build_pipeline(target, config.keep_reference, fusion), config.dump_ir)
+    if fusion is not None:  # the fusion passes merged weights: make them, in the new layout
+        layout = fusion.layout
+        params = apply_merges(params, layout, fusion.merges) if params is not None else None
     lap("passes")
     progress(f"building for {target.name}{' ' + target.arch if target.arch else ''}")
     ex = build(mod, target)

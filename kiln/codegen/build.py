@@ -79,3 +79,24 @@ def build(mod, target: TargetSpec):
 
 def export(executable, path: Path) -> None:
     executable.export_library(str(path))
+
+
+def kernel_calls(executable, entry: str) -> dict[str, int]:
+    """Kernel launches of one call of ``entry``: compiled kernel (PrimFunc) name -> calls, from the VM's
+    bytecode, plus the KV-cache attention builtin (one per layer). VM bookkeeping (shapes, allocation,
+    reshape views, tuple access) and host-side shape functions are not kernels and are not counted."""
+    import collections
+    import re
+
+    text = executable.as_text()
+    start = text.find(f"@{entry}:")
+    if start < 0:
+        raise KeyError(f"the executable has no function {entry!r}")
+    end = text.find("\n@", start + 1)
+    body = text[start:end if end > 0 else len(text)]
+    counts: collections.Counter = collections.Counter()
+    for callee in re.findall(r"^\s*call\s+(\S+)", body, flags=re.M):
+        if callee.startswith("vm.builtin.attention_kv_cache") or not callee.startswith(
+                ("vm.builtin.", "compute_symbolic_expr", "shape_func")):
+            counts[callee] += 1
+    return dict(counts.most_common())

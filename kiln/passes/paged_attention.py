@@ -252,10 +252,17 @@ def _serving_function(cl: _Cloner, an: _Analysis, name: str) -> None:
     def on_embed(c, b):
         return bb.emit(relax.op.reshape(embeds, [n, H]), name_hint="embeds")
 
+    values = {b.var: b.value for b in bindings}
+
     def on_attention(c, b):
         a = attn_vars[b.var]
-        q, k, v = [c.visit_expr(x) for x in b.value.args]
-        qkv = bb.emit(relax.op.concat([q, k, v], axis=1), name_hint=f"qkv{a.layer_id}")  # [n, hq + 2 hkv, d]
+        fused = _fused_qkv(values, b.value.args)
+        if fused is not None:  # q, k, v are slices of one projection (passes/fuse_qkv.py): no concat
+            qkv = bb.emit(relax.op.reshape(c.visit_expr(fused), [n, a.num_q_heads + 2 * a.num_kv_heads, a.head_dim]),
+                          name_hint=f"qkv{a.layer_id}")
+        else:
+            q, k, v = [c.visit_expr(x) for x in b.value.args]
+            qkv = bb.emit(relax.op.concat([q, k, v], axis=1), name_hint=f"qkv{a.layer_id}")  # [n, hq + 2 hkv, d]
         return bb.emit(relax.call_dps_packed(
             KV_ATTENTION_BUILTIN, [kv, relax.prim_value(a.layer_id), relax.prim_value(a.sm_scale), qkv],
             out_ty=relax.TensorType([n, a.num_q_heads, a.head_dim], an.dtype)), name_hint=f"attn{a.layer_id}")
@@ -283,6 +290,26 @@ def _serving_function(cl: _Cloner, an: _Analysis, name: str) -> None:
             logits = bb.emit(relax.op.reshape(logits, rows), name_hint="logits")
             out = bb.emit_output(relax.Tuple([logits, kv]))
         bb.emit_func_output(out)
+
+
+def _fused_qkv(values: dict, args) -> relax.Var | None:
+    """Y when q, k, v are ``reshape(strided_slice(Y, axis 1, [b_i, e_i]))`` with the slices tiling Y's
+    columns in order (fuse_qkv's form), else None."""
+    src, at = None, 0
+    for arg in args:
+        r = values.get(arg)
+        if not (isinstance(r, relax.Call) and getattr(r.op, "name", "") == "relax.reshape"):
+            return None
+        sl = values.get(r.args[0])
+        if not (isinstance(sl, relax.Call) and getattr(sl.op, "name", "") == "relax.strided_slice"):
+            return None
+        y, axes, begin, end = sl.args[:4]
+        strides = [int(x) for x in sl.args[4].fields] if len(sl.args) > 4 else [1]
+        if (src is not None and not y.same_as(src)) or [int(x) for x in axes.fields] not in ([1], [-1]) or \
+                strides != [1] or int(begin.fields[0]) != at or len(y.ty.shape) != 2:
+            return None
+        src, at = y, int(end.fields[0])
+    return src if at == int(src.ty.shape[1]) else None
 
 
 def _embed_function(cl: _Cloner, an: _Analysis) -> None:

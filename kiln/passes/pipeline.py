@@ -7,11 +7,15 @@ With ``dump_dir`` the module is written after every pass as ``NN-<pass>.py`` (TV
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..ir.tvm import IRModule, relax
 from ..ir.verify import verify_reference, verify_serving
+from .fuse_add_rms_norm import fuse_add_rms_norm
+from .fuse_gate_up import fuse_gate_up
+from .fuse_qkv import fuse_qkv
+from .linears import Layout, Merge
 from .paged_attention import lower_paged_attention
 
 
@@ -22,11 +26,39 @@ class Step:
     check: Callable[[IRModule], None] | None = None
 
 
-def build_pipeline(target, keep_reference: bool = False) -> list[Step]:
+@dataclass
+class Fusion:
+    """The params side of the fusion phase: fuse_qkv and fuse_gate_up merge weights, so they take the
+    params layout and return a new one; the merges accumulate here and the compiler applies them to the
+    weights (linears.apply_merges). ``group``: the quantization scheme's group size, if quantized."""
+
+    layout: Layout
+    group: int | None = None
+    merges: list[Merge] = field(default_factory=list)
+
+    def merging(self, fuse) -> Callable[[IRModule], IRModule]:
+        def run(mod: IRModule) -> IRModule:
+            mod, self.layout, merges = fuse(mod, self.layout, self.group)
+            self.merges += merges
+            return mod
+
+        return run
+
+
+def build_pipeline(target, keep_reference: bool = False, fusion: Fusion | None = None) -> list[Step]:
     tt = target.tvm_target()
-    return [
+    steps = [
         # Phase 1: the reference form as imported (frontends promise it; check it).
         Step("verify_reference", lambda m: m, verify_reference),
+    ]
+    if fusion is not None:
+        steps += [
+            # Phase 1b: fusion in the reference form (fewer, larger kernels; same logits).
+            Step("fuse_qkv", fusion.merging(fuse_qkv), verify_reference),
+            Step("fuse_gate_up", fusion.merging(fuse_gate_up), verify_reference),
+            Step("fuse_add_rms_norm", fuse_add_rms_norm, verify_reference),
+        ]
+    return steps + [
         # Phase 2: serving form. Attention becomes paged-KV-cache calls; entry points appear.
         Step("lower_paged_attention", lambda m: lower_paged_attention(m, tt, keep_reference), verify_serving),
         # Phase 3: clean-up before codegen takes over (legalization and fusion are the target's).
