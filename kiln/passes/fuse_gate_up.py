@@ -53,12 +53,12 @@ def fuse_gate_up(mod: IRModule, layout: Layout, group: int | None = None) -> tup
     replace = {}
     for var, gate, name, inter in plans:
         def act(bb, m, param, gate=gate, name=name, inter=inter):
-            gu = bb.emit(emit_linear(bb, gate, m(gate.x), name, None, param, group), name_hint=name.replace(".", "_"))
+            gu = emit_linear(bb, gate, m(gate.x), name, None, param, group)
             g = bb.emit(relax.op.strided_slice(gu, axes=[1], begin=[0], end=[inter], assume_inbound=True))
             u = bb.emit(relax.op.strided_slice(gu, axes=[1], begin=[inter], end=[2 * inter], assume_inbound=True))
             return relax.op.multiply(bb.emit(relax.op.nn.silu(g)), u)
         replace[var] = act
-    return rewrite_forward(mod, layout, new_layout, replace), new_layout, merges
+    return rewrite_forward(mod, layout, new_layout, replace, merges), new_layout, merges
 
 
 __all__ = ["fuse_gate_up"]

@@ -58,7 +58,7 @@ def fuse_qkv(mod: IRModule, layout: Layout, group: int | None = None) -> tuple[I
 
         def fused(bb, m, param, q=q, name=name, bias=bias, cache=cache):
             if "qkv" not in cache:
-                cache["qkv"] = bb.emit(emit_linear(bb, q, m(q.x), name, bias, param, group), name_hint=name.replace(".", "_"))
+                cache["qkv"] = emit_linear(bb, q, m(q.x), name, bias, param, group)
             return cache["qkv"]
 
         begin = 0
@@ -69,7 +69,7 @@ def fuse_qkv(mod: IRModule, layout: Layout, group: int | None = None) -> tuple[I
                 return relax.op.reshape(part, head.value.args[1])
             replace[head.var] = piece
             begin += width
-    return rewrite_forward(mod, layout, new_layout, replace), new_layout, merges
+    return rewrite_forward(mod, layout, new_layout, replace, merges), new_layout, merges
 
 
 __all__ = ["fuse_qkv"]

@@ -156,15 +156,16 @@ class _Params:
         return self.got[name]
 
 
-def rewrite_forward(mod: IRModule, old: Layout, new: Layout,
-                    replace: dict[relax.Var, Callable]) -> IRModule:
+def rewrite_forward(mod: IRModule, old: Layout, new: Layout, replace: dict[relax.Var, Callable],
+                    merges: list[Merge] = ()) -> IRModule:
     """``forward`` over the params tuple ``new``; each var ``v`` in ``replace`` bound to
     ``replace[v](bb, m, param)`` instead, where ``m`` maps an old var to its new one and ``param(name)`` is
-    the new tuple's element ``name``. Bindings of dropped parameters, and everything that becomes unused,
-    are removed."""
+    the new tuple's element ``name``. A merged parameter is unpacked where its first source was; the
+    sources' bindings, and everything that becomes unused, are removed."""
     fwd = mod["forward"]
     ids, packed = fwd.params
     old_names, index = list(old), {n: i for i, n in enumerate(new)}
+    first_of = {mg.sources[0]: mg.name for mg in merges}
     new_packed = relax.Var("params", relax.TupleType([relax.TensorType(list(s), dt) for s, dt in new.values()]))
     rw = _Remap(mod)
     bb = rw.bb
@@ -173,23 +174,31 @@ def rewrite_forward(mod: IRModule, old: Layout, new: Layout,
     def m(v):
         return rw.visit_expr(v)
 
+    def bind(var, value):
+        if isinstance(value, relax.Var):  # already bound (a replacement that emitted its own result)
+            return value
+        if isinstance(var, relax.DataflowVar):
+            return bb.emit(value, name_hint=var.name)
+        return bb.emit_output(value, name_hint=var.name)  # the block's output
+
     attrs = {str(k): fwd.attrs[k] for k in fwd.attrs.keys()} if fwd.attrs is not None else {}
     with bb.function("forward_rewritten", [ids, new_packed], attrs=dict(attrs)):  # it writes global_symbol in
         with bb.dataflow():
             for b in fwd.body.blocks[0].bindings:
                 v = b.value
                 if b.var in replace:
-                    new_var = bb.emit(replace[b.var](bb, m, param), name_hint=b.var.name)
+                    new_var = bind(b.var, replace[b.var](bb, m, param))
                 elif isinstance(v, relax.TupleGetItem) and v.tuple_value.same_as(packed):
                     name = old_names[v.index]
+                    if name in first_of:
+                        param(first_of[name])  # the merged parameter, where its first source was
                     if name not in index:
                         continue  # merged away
                     new_var = param(name)
                 else:
-                    new_var = bb.emit(rw.visit_expr(v), name_hint=b.var.name)
+                    new_var = bind(b.var, rw.visit_expr(v))
                 rw.set_var_remap(b.var, new_var)
-            out = bb.emit_output(rw.visit_expr(fwd.body.body))
-        bb.emit_func_output(out)
+        bb.emit_func_output(rw.visit_expr(fwd.body.body))
     built = bb.get()
     new_fwd = relax.analysis.remove_all_unused(built["forward_rewritten"])
     if "global_symbol" in attrs:
@@ -202,8 +211,9 @@ def rewrite_forward(mod: IRModule, old: Layout, new: Layout,
     return out_mod
 
 
-def emit_linear(bb, lin: Linear, x, name: str, bias: str | None, param, group: int | None):
-    """Re-emit ``lin``'s computation on input ``x`` with the weight ``name`` (and ``bias``) of the new tuple."""
+def emit_linear(bb, lin: Linear, x, name: str, bias: str | None, param, group: int | None) -> relax.Var:
+    """Re-emit ``lin``'s computation on input ``x`` with the weight ``name`` (and ``bias``) of the new tuple;
+    returns the bound output."""
     if lin.kind == "float":
         w = param(name)
         half = lin.dtype in ("float16", "bfloat16")
@@ -217,7 +227,7 @@ def emit_linear(bb, lin: Linear, x, name: str, bias: str | None, param, group: i
         parts = {p: param(prefix + p) for p in ("qweight", "scales", "zeros", "group_scales", "channel_scales")
                  if param.has(prefix + p)}
         y = _emit_linear(bb, lin.kind, x, parts, group, lin.dtype, {}, name.replace(".", "_"))
-    return relax.op.add(y, param(bias)) if bias else y
+    return bb.emit(relax.op.add(y, param(bias))) if bias else y
 
 
 def apply_merges(params: dict, layout: Layout, merges: list[Merge]) -> dict:
