@@ -68,7 +68,16 @@ def test_manifest_records_no_weights_the_layout_and_a_placeholder_tokenizer(art)
     assert not (art / "params.safetensors").exists()
     a = load_artifact(art)  # verifies every listed file's sha256
     assert not a.has_weights and a.placeholder_tokenizer
-    assert a.param_layout == {name: (shape, "float32") for name, shape in param_shapes(a.spec).items()}
+    # the reference form's layout, with each layer's q/k/v and gate/up merged by the fusion passes
+    want = {}
+    for name, shape in param_shapes(a.spec).items():
+        layer, _, role = name.rpartition(".")
+        merged = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+                  "up_proj": "gate_up_proj"}.get(role)
+        key = f"{layer}.{merged}" if merged else name
+        prev = want.get(key, ((0, *shape[1:]), "float32"))[0]
+        want[key] = ((prev[0] + shape[0], *shape[1:]), "float32") if merged else (shape, "float32")
+    assert a.param_layout == want
     assert list(manifest["param_shapes"]) == manifest["param_names"]
 
 

@@ -175,11 +175,11 @@ def rewrite_forward(mod: IRModule, old: Layout, new: Layout, replace: dict[relax
         return rw.visit_expr(v)
 
     def bind(var, value):
+        if not isinstance(var, relax.DataflowVar):
+            return bb.emit_output(value, name_hint=var.name)  # the block's output
         if isinstance(value, relax.Var):  # already bound (a replacement that emitted its own result)
             return value
-        if isinstance(var, relax.DataflowVar):
-            return bb.emit(value, name_hint=var.name)
-        return bb.emit_output(value, name_hint=var.name)  # the block's output
+        return bb.emit(value, name_hint=var.name)
 
     attrs = {str(k): fwd.attrs[k] for k in fwd.attrs.keys()} if fwd.attrs is not None else {}
     with bb.function("forward_rewritten", [ids, new_packed], attrs=dict(attrs)):  # it writes global_symbol in

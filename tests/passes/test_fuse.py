@@ -134,6 +134,7 @@ def test_fuse_add_rms_norm_before_expected():
         return relax.op.add(s, h)
 
     got = fuse_add_rms_norm(_forward(NORM, before))
+    assert relax.analysis.check_well_formed(got)
     want = _forward(NORM, expected)
     want = IRModule({gv: (f.with_attr("op_pattern", 8) if gv.name_hint == "add_rms_norm" else f)
                      for gv, f in want.functions_items()})
@@ -215,3 +216,4 @@ def test_fused_reference_form_computes_the_same_logits(scheme):
     got = _run_forward(fused, apply_merges(params, new_layout, merges), new_layout, ids)
     assert np.isfinite(want).all() and np.abs(want).max() > 0.1
     np.testing.assert_allclose(got, want, atol=2e-5 * max(1.0, np.abs(want).max()), rtol=0)
+    assert relax.analysis.check_well_formed(fused)
