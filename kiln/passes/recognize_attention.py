@@ -9,7 +9,8 @@ What it matches, anchored on every ``softmax`` over the last axis of a token-dep
 ``q``, ``k``, ``v`` are traced up from the two matmuls through *views* (reshape, permute_dims,
 expand_dims, broadcast_to, repeat, astype) and scalar multiplies to their *sources*: token-major
 tensors ``[1?, s, heads * d]`` or ``[1?, s, heads, d]`` (the projections' outputs, or a q/k norm's).
-RoPE is ``x * cos + rotate_half(x) * sin``. Nothing is trusted to the op names alone:
+RoPE is ``x * cos + rotate(x) * sin``, rotate-half or interleaved (pairs ``2i, 2i + 1``: q and k then
+get their head channels permuted into rotate-half order, ``interleaved_to_half``). Nothing is trusted to the op names alone:
 
 * every view chain is replayed on an index array and must move elements exactly as kiln's layout
   does (``[s, h, d] -> [h, s, d]``, kv heads repeated for GQA, heads merged back per token);
@@ -74,6 +75,7 @@ class _Path:
     rope_input: relax.Var | None = None
     cos: object = None
     sin: object = None
+    style: str = "half"  # "half": rotate-half pairs (i, i + d/2); "interleaved": pairs (2i, 2i + 1)
 
 
 class _Matcher:
@@ -128,7 +130,7 @@ class _Matcher:
                 scale *= s
                 nxt = self.token_arg(call)
             elif allow_rope and path.rope is None and (rope := self.match_rope(var)) is not None:
-                path.rope, (path.rope_input, path.cos, path.sin) = var, rope
+                path.rope, (path.rope_input, path.cos, path.sin, path.style) = var, rope
                 nxt = path.rope_input
             else:
                 break
@@ -139,7 +141,8 @@ class _Matcher:
         return path
 
     def match_rope(self, var):
-        """(x, cos, sin) if var = x * cos + rotate_half(x) * sin with non-token cos/sin, else None."""
+        """(x, cos, sin, style) if var = x * cos + rotate(x) * sin with non-token cos/sin, else None; rotate is
+        rotate-half (style "half") or the pairwise interleaved rotation (style "interleaved")."""
         g = self.g
         call = g.call(var)
         if op_name(call) != "add":
@@ -157,9 +160,48 @@ class _Matcher:
             else:
                 return None
         for (x, cos), (r, sin) in (terms, terms[::-1]):
-            if self.rotate_half_of(r) is not None and self.rotate_half_of(r).same_as(x):
-                return x, cos, sin
+            for style, rotated in (("half", self.rotate_half_of), ("interleaved", self.rotate_interleaved_of)):
+                src = rotated(r)
+                if src is not None and src.same_as(x):
+                    return x, cos, sin, style
         return None
+
+    def _slice(self, e, begin: int, end: int, stride: int):
+        """x if e = x[..., begin:end:stride] (over the last axis), else None."""
+        c = self.g.call(e) if isinstance(e, relax.Var) else None
+        if op_name(c) != "strided_slice":
+            return None
+        x = c.args[0]
+        d, nd = self.concrete(x)[-1], len(shape_of(x))
+        axes = [int(a) % nd for a in c.args[1].fields]
+        got = ([int(v) for v in c.args[2].fields], [min(int(v), d) for v in c.args[3].fields],
+               [int(v) for v in c.args[4].fields] if len(c.args) > 4 else [1])
+        ok_end = got[1] == [end] or (stride > 1 and got[1][0] >= d - (d - begin) % stride - 1 and got[1][0] <= d)
+        return x if axes == [nd - 1] and got[0] == [begin] and ok_end and got[2] == [stride] else None
+
+    def rotate_interleaved_of(self, r):
+        """x if r = stack([-x[..., 1::2], x[..., 0::2]], -1) flattened back to [..., d], else None
+        (transformers' interleaved rotate: each pair (2i, 2i + 1) becomes (-x_{2i+1}, x_{2i}))."""
+        g = self.g
+        c = g.call(r) if isinstance(r, relax.Var) else None
+        if op_name(c) != "reshape":
+            return None
+        st = g.call(c.args[0]) if isinstance(c.args[0], relax.Var) else None
+        if op_name(st) == "stack" and isinstance(st.args[0], relax.Tuple):
+            parts = list(st.args[0].fields)
+        elif op_name(st) == "concat" and isinstance(st.args[0], relax.Tuple):  # stack as concat of expand_dims
+            parts = [g.value[p].args[0] if isinstance(p, relax.Var) and g.op(p) == "expand_dims" else None
+                     for p in st.args[0].fields]
+        else:
+            return None
+        if len(parts) != 2 or None in parts:
+            return None
+        neg = g.call(parts[0]) if isinstance(parts[0], relax.Var) else None
+        if op_name(neg) != "negative":
+            return None
+        d = self.concrete(r)[-1]
+        x = self._slice(neg.args[0], 1, d, 2)
+        return x if x is not None and x.same_as(self._slice(parts[1], 0, d, 2)) else None
 
     def rotate_half_of(self, r):
         """x if r = concat(-x[..., d/2:], x[..., :d/2]) over the last axis, else None."""
@@ -345,7 +387,7 @@ class _Matcher:
         window = self.check_mask(softmax_var, mask)
         sm_scale = scale * q.scale * k.scale
         return dict(q=q.source, k=k.source, v=v.source, out=out, hq=hq, hkv=hkv, d=d, rope=rope, window=window,
-                    sm_scale=sm_scale, dtype=str(shape_dtype(q.source)))
+                    sm_scale=sm_scale, dtype=str(shape_dtype(q.source)), interleaved=q.style == "interleaved")
 
     # ------------------------------------------------------------------------------ evaluated checks
 
@@ -357,9 +399,11 @@ class _Matcher:
             cs = [np.broadcast_to(self.eval(t, n), shape).reshape(-1, n, d)[0].astype(np.float64) for t in (p.cos, p.sin)]
             tables.append(cs)
         if not all(np.allclose(t[0], tables[0][0], atol=1e-6) and np.allclose(t[1], tables[0][1], atol=1e-6)
-                   for t in tables):
+                   for t in tables) or q.style != k.style:
             self.fail(at, "q and k are rotated with different tables")
         cos, sin = tables[0]
+        if q.style == "interleaved":  # to the rotate-half layout kiln's RoPE uses (see INTERLEAVED)
+            cos, sin = cos[:, interleaved_to_half(d)], sin[:, interleaved_to_half(d)]
         if not np.allclose(cos[0], 1.0, atol=1e-6) or not np.allclose(sin[0], 0.0, atol=1e-6):
             self.fail(at, "the RoPE tables are scaled (attention scaling != 1) or do not start at position 0")
         freq = np.arctan2(sin[1, :d // 2], cos[1, :d // 2])  # the rotation per position of each pair
@@ -403,6 +447,14 @@ class _Matcher:
         self.fail(at, f"the mask is neither causal nor a causal sliding window (checked at {n} tokens)")
 
 
+def interleaved_to_half(d: int) -> list[int]:
+    """Channel order that turns interleaved RoPE pairs (2i, 2i + 1) into rotate-half pairs (i, i + d/2):
+    new channel j reads old channel ``perm[j]``. Interleaved RoPE of x equals, channel for channel after
+    this permutation, rotate-half RoPE of x permuted, and permuting q and k alike leaves q.k unchanged:
+    that is how kiln runs interleaved-RoPE models on its (rotate-half) kernels."""
+    return [2 * j for j in range(d // 2)] + [2 * j + 1 for j in range(d // 2)]
+
+
 def shape_dtype(e) -> str:
     return e.ty.dtype
 
@@ -436,6 +488,10 @@ def recognize_attention(mod: IRModule, weights: dict, mask_len: int = 257, rope_
         def emit(bb, mp, a=a, gv=gv):
             q = bb.emit(relax.op.reshape(mp(a["q"]), [seq, a["hq"], a["d"]]))
             k = bb.emit(relax.op.reshape(mp(a["k"]), [seq, a["hkv"], a["d"]]))
+            if a["interleaved"]:  # q.k is unchanged when both are permuted alike; v and o are not touched
+                perm = relax.const(np.asarray(interleaved_to_half(a["d"]), dtype="int32"))
+                q = bb.emit(relax.op.take(q, perm, axis=2))
+                k = bb.emit(relax.op.take(k, perm, axis=2))
             v = bb.emit(relax.op.reshape(mp(a["v"]), [seq, a["hkv"], a["d"]]))
             o = bb.emit(relax.Call(gv, [q, k, v]), name_hint=f"attn{gv.name_hint.rsplit('L', 1)[1]}")
             return relax.op.reshape(o, shape_of(a["out"]))

@@ -32,7 +32,7 @@ from ..ir.tvm import IRModule, relax, tirx, tvm
 from .graph_view import ENTRY, GraphView, describe, int_dims, op_name, shape_of, substitute
 
 PASS = "recognize_model"
-_PASSTHROUGH = {"reshape", "astype"}
+_PASSTHROUGH = {"reshape", "astype"}  # (and the channel permutation of interleaved RoPE, see up())
 
 
 @dataclass
@@ -66,8 +66,10 @@ class _Roles:
                         "attention with RoPE, SwiGLU MLP)")
 
     def up(self, v):
-        """v above reshapes and casts."""
-        while isinstance(v, relax.Var) and self.g.op(v) in _PASSTHROUGH:
+        """v above reshapes, casts and a constant channel permutation (recognize_attention's for interleaved
+        RoPE)."""
+        while isinstance(v, relax.Var) and (self.g.op(v) in _PASSTHROUGH or (
+                self.g.op(v) == "take" and isinstance(self.g.value[v].args[1], tvm.ir.Constant))):
             v = self.g.value[v].args[0]
         return v
 

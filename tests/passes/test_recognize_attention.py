@@ -56,7 +56,12 @@ class TinyLM(torch.nn.Module):
         x = self.emb[input_ids]
         h = self.norm(x, self.n1)
         q, k, v = self.heads(h @ self.q.T, HEADS), self.heads(h @ self.k.T, KV_HEADS), self.heads(h @ self.v.T, KV_HEADS)
-        if self.rope:
+        if self.rope == "interleaved":  # pairs (2i, 2i + 1), as transformers' interleaved rotary helpers
+            f = (torch.arange(s).float()[:, None] * self.inv_freq[None]).repeat_interleave(2, dim=-1)
+            cos, sin = f.cos(), f.sin()
+            rot = lambda t: torch.stack((-t[..., 1::2], t[..., 0::2]), dim=-1).flatten(-2)  # noqa: E731
+            q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
+        elif self.rope:
             f = torch.arange(s).float()[:, None] * self.inv_freq[None]
             cos, sin = torch.cat([f, f], -1).cos(), torch.cat([f, f], -1).sin()
             rot = lambda t: torch.cat([-t[..., D // 2:], t[..., :D // 2]], -1)  # noqa: E731
@@ -106,9 +111,10 @@ def composites(mod):
     return [f for gv, f in mod.functions_items() if is_attention(f)]
 
 
-@pytest.mark.parametrize("window", [None, 4])
-def test_tiny_decoder_is_recognised_and_computes_the_same(window, one_torch_thread):
-    model, mod, weights = imported(window=window)
+@pytest.mark.parametrize("window, rope", [(None, True), (4, True), (None, "interleaved")],
+                         ids=["global", "window-4", "interleaved-rope"])
+def test_tiny_decoder_is_recognised_and_computes_the_same(window, rope, one_torch_thread):
+    model, mod, weights = imported(window=window, rope=rope)
     rec = recognise(mod, weights)
     [attn] = composites(rec)
     assert int(attn.attrs["kiln.num_q_heads"]) == HEADS and int(attn.attrs["kiln.num_kv_heads"]) == KV_HEADS
@@ -124,8 +130,9 @@ def test_tiny_decoder_is_recognised_and_computes_the_same(window, one_torch_thre
         np.testing.assert_allclose(run_main(rec, weights, ids), model(torch.tensor(ids), None).numpy(), atol=1e-4)
 
 
-def test_model_form_names_every_weight():
-    _, mod, weights = imported()
+@pytest.mark.parametrize("rope", [True, "interleaved"])
+def test_model_form_names_every_weight(rope):
+    _, mod, weights = imported(rope=rope)
     ref = recognize_model(recognise(mod, weights))
     assert list(ref.params) == ["embed_tokens", "layers.0.input_norm", "layers.0.q_proj", "layers.0.k_proj",
                                 "layers.0.v_proj", "layers.0.o_proj", "layers.0.post_attention_norm",
@@ -155,3 +162,30 @@ def test_a_gelu_mlp_is_refused_by_name():
     _, mod, weights = imported(mlp="gelu")
     with pytest.raises(PassError, match="neither MLP linear goes through SiLU"):
         recognize_model(recognise(mod, weights))
+
+
+@pytest.mark.parametrize("rope", [True, "interleaved"])
+def test_tiny_decoder_compiles_and_decodes_like_torch(rope, zoo, tmp_path, one_torch_thread):
+    """The whole way: .pt2 -> recognition -> fusion -> paged attention -> greedy decoding, against
+    torch recomputing the full sequence at every step."""
+    from kiln.compiler import CompileConfig, compile_model
+    from kiln.runtime import LLM, SamplingParams
+
+    model = TinyLM(rope=rope).eval()
+    ids = torch.randint(0, V, (1, 9))
+    seq = torch.export.Dim("seq", min=2, max=512)
+    path = tmp_path / "tiny.pt2"
+    torch.export.save(torch.export.export(model, (ids, torch.ones_like(ids)), dynamic_shapes=({1: seq}, {1: seq})), path)
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    for f in zoo.hf("llama")[0].iterdir():  # a tokenizer (no config.json: the graph alone defines the model)
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            (tok_dir / f.name).write_bytes(f.read_bytes())
+    compile_model(path, tmp_path / "art", CompileConfig(tokenizer=tok_dir, context_len=64))
+    prompt = [3, 17, 42, 8, 23]
+    [res] = LLM(tmp_path / "art").generate([prompt], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(24):
+            tokens.append(int(model(torch.tensor([tokens]), None)[0, -1].argmax()))
+    assert res.token_ids == tokens[len(prompt):]
