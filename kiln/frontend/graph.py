@@ -74,6 +74,43 @@ def load_graph(path: Path):
     return mod, {k: np.asarray(v) for k, v in weights.items()}, info
 
 
+def specialize_empty_cache(mod, info):
+    """A graph with ``past_key_values`` inputs (ONNX Runtime GenAI-style: ``input_ids [1, seq]``,
+    ``attention_mask [1, total]``, ``position_ids``, ``past_key_values.{i}.key/value [1, kv, past, d]``,
+    returning logits and the presents) is specialised to a sequence starting from an empty cache: every
+    symbolic size that only past inputs carry becomes 0, and the mask's total length becomes ``seq``.
+    Attention then concatenates an empty past, which recognize_attention reads through; kiln's paged KV
+    cache replaces the past and present tensors. A graph without such inputs is returned as it is."""
+    from ..ir.tvm import relax, tirx
+
+    func = mod["main"]
+    inputs = func.params[:len(info.input_names)]
+
+    def dyn(p):
+        return [d for d in (p.ty.shape or []) if isinstance(d, tirx.Var)]
+
+    seq = dyn(inputs[0])
+    if len(seq) != 1:
+        return mod
+    seq = seq[0]
+    binds = {}
+    for p in inputs[1:]:
+        for d in dyn(p):
+            if d.same_as(seq) or d in binds:
+                continue
+            if "past" in p.name or "cache" in p.name:
+                binds[d] = tirx.IntImm("int64", 0)
+            elif "mask" in p.name:
+                binds[d] = seq
+    if not binds:
+        return mod
+    from ..ir.tvm import tvm
+
+    out = tvm.IRModule({gv: f for gv, f in mod.functions_items()}, attrs=mod.attrs)
+    out["main"] = relax.transform.Normalize()(tvm.IRModule({"main": func.bind_symbolic_vars(binds)}))["main"]
+    return out
+
+
 def recognition_steps(weights: dict, mask_len: int, rope_hint):
     """The recognition passes in order, as (name, IRModule -> IRModule); recognize_model comes after."""
     from ..passes.recognize_attention import recognize_attention
@@ -113,6 +150,7 @@ def import_graph(path: str | Path, tokenizer_dir: str | Path, dtype: str | None 
             rope_hint = None  # the graph's own tables decide; an unknown scaling fails there, naming the node
 
     mod, weights, info = load_graph(path)
+    mod = specialize_empty_cache(mod, info)
     if dump_dir is not None:
         dump_dir.mkdir(parents=True, exist_ok=True)
         (dump_dir / "r0-imported.py").write_text(mod.script())

@@ -53,8 +53,24 @@ def convert_range_of_symbolic_length(inputs: list, params: list) -> Any | None:
     return relax.op.arange(0, limit, 1, str(values[0].dtype))
 
 
+def convert_reshape_of_prim_value(inputs: list, params: list) -> Any | None:
+    """TVM 0.27 imports ``Squeeze(Shape(x))`` as a ``PrimValue`` (a symbolic size), and ``Add`` of two of them
+    as another; its ``Reshape`` converter then fails on one ("Reshape expects the input data to be a Tensor.
+    However, the given input is ir.PrimType"). An exporter writes ``Reshape(past_len + seq, [-1])`` to build
+    a shape when the graph has ``past_key_values`` inputs. A size reshaped to one element is that size as a
+    one-element shape (what TVM's converter returns for a shape reshaped to [-1]). Returns None otherwise."""
+    F = frontend("onnx").onnx_frontend
+    data = inputs[0]
+    if not tvm.ir.is_prim_expr(data):  # a Relax prim value is a PrimExpr in TVM 0.27
+        return None
+    target = F.get_constant(inputs[1], params)
+    if not isinstance(target, tvm.ir.Constant) or target.value.numpy().tolist() not in ([-1], [1]):
+        return None
+    return relax.ShapeExpr([data])
+
+
 # op type -> kiln converter (inputs, params) -> Relax expr, or None to fall back to TVM's converter
-CONVERTERS = {"Range": convert_range_of_symbolic_length}
+CONVERTERS = {"Range": convert_range_of_symbolic_length, "Reshape": convert_reshape_of_prim_value}
 
 
 def _importer_class():
@@ -142,6 +158,23 @@ def _translate(model, where: str) -> tuple[IRModule, tuple[str, ...]]:
     return mod, tuple(sorted(importer.applied))
 
 
+def _logits_only(func: relax.Function) -> relax.Function:
+    """A graph with ``past_key_values`` returns ``(logits, present.0.key, ...)``: keep the logits (kiln's
+    paged KV cache replaces the presents). A function returning one tensor is returned as it is."""
+    body = func.body
+    out = body.body
+    if not isinstance(out.ty, relax.TupleType):
+        return func
+    block = body.blocks[-1]
+    value = {b.var: b.value for b in block.bindings}.get(out)
+    if not isinstance(value, relax.Tuple) or not value.fields:
+        return func
+    logits = relax.Var("logits", value.fields[0].ty)
+    blocks = [*body.blocks[:-1], relax.DataflowBlock([*block.bindings, relax.VarBinding(logits, value.fields[0])])]
+    new = relax.Function(func.params, relax.SeqExpr(blocks, logits), logits.ty, func.is_pure, func.attrs)
+    return relax.analysis.remove_all_unused(new)
+
+
 def load_onnx(path) -> tuple[IRModule, dict[str, Any], ImportInfo]:
     """An ONNX file of a decoder LLM's forward -> (module, params, info).
 
@@ -154,7 +187,7 @@ def load_onnx(path) -> tuple[IRModule, dict[str, Any], ImportInfo]:
     model = _read_model(path)
     where = str(path)
     mod, fixes = _translate(model, where)
-    func = mod[ENTRY].without_attr("params")  # the weights again, as TVM tensors
+    func = _logits_only(mod[ENTRY].without_attr("params"))  # the weights again, as TVM tensors
     num_input = int(func.attrs["num_input"])
     if not isinstance(func.ret_ty, relax.TensorType) or func.ret_ty.ndim != 3:
         raise UnsupportedModelError(f"{where}: the model returns {func.ret_ty}, not logits [batch, seq, vocab]")

@@ -111,8 +111,8 @@ class GraphView:
     # ------------------------------------------------------------------------------- evaluation
 
     def evaluate(self, exprs: list, seq_len: int, weights: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Compute non-token ``exprs`` (vars or constants) at sequence length ``seq_len``, every
-        attention-mask input all ones (no padding), weights from ``weights`` (by parameter name)."""
+        """Compute non-token ``exprs`` (vars or constants) at sequence length ``seq_len`` for one sequence from
+        position 0 without padding (``_probe_input``), weights from ``weights`` (by parameter name)."""
         out = [None] * len(exprs)
         todo = []
         for i, e in enumerate(exprs):
@@ -150,13 +150,21 @@ class GraphView:
         for p in params:
             if p in self.inputs:
                 shape = [seq_len if not isinstance(d, tirx.IntImm) else int(d) for d in shape_of(p)]
-                args.append(np.ones(shape, dtype=str(p.ty.dtype)))
+                args.append(_probe_input(p.name, shape, str(p.ty.dtype)))
             else:
                 args.append(np.asarray(weights[p.name]))
         res = vm["main"](*(tvm.runtime.tensor(a, tvm.cpu()) for a in args))
         for j, i in enumerate(todo):
             out[i] = res[j].numpy()
         return out
+
+
+def _probe_input(name: str, shape: list[int], dtype: str) -> np.ndarray:
+    """The value of a non-token input for evaluation: positions 0..n-1 for a ``position_ids`` input, ones
+    (every token attended, no padding) for an attention mask and anything else."""
+    if "position" in name and shape:
+        return np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
+    return np.ones(shape, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------- rewriting

@@ -129,6 +129,8 @@ class _Matcher:
             elif s is not None:
                 scale *= s
                 nxt = self.token_arg(call)
+            elif (only := self.concat_with_empty(call)) is not None:  # past KV of length 0 (specialised)
+                nxt = only
             elif allow_rope and path.rope is None and (rope := self.match_rope(var)) is not None:
                 path.rope, (path.rope_input, path.cos, path.sin, path.style) = var, rope
                 nxt = path.rope_input
@@ -139,6 +141,17 @@ class _Matcher:
         ops.reverse()
         path.source, path.scale = var, scale
         return path
+
+    def concat_with_empty(self, call):
+        """x if call = concat([..., x, ...]) where every other part is empty along the axis (a past-KV input
+        specialised to length 0, see frontend/graph.py), else None."""
+        if op_name(call) != "concat" or not isinstance(call.args[0], relax.Tuple):
+            return None
+        nd = len(shape_of(call) or [])
+        axis = int(call.attrs.axis) % nd if nd else 0
+        parts = list(call.args[0].fields)
+        full = [p for p in parts if self.concrete(p)[axis] != 0]
+        return full[0] if len(full) == 1 and full[0] in self.g.token else None
 
     def match_rope(self, var):
         """(x, cos, sin, style) if var = x * cos + rotate(x) * sin with non-token cos/sin, else None; rotate is

@@ -5,7 +5,8 @@ with torch.export (.pt2) and with the dynamo ONNX exporter; each file is compile
 the recognition passes and must produce, token for token, the greedy continuation of the same model
 compiled from its Hugging Face checkpoint (kiln's hand-written frontend) and of transformers' own
 ``generate`` — alone and in a batch. The ModelSpec read off the graph must equal the config's, and the
-artifact's parameters must carry kiln's names. User errors are one-line CLI errors.
+artifact's parameters must carry kiln's names. An ONNX export with past_key_values inputs and present
+outputs (ONNX Runtime GenAI's layout) compiles too. User errors are one-line CLI errors.
 """
 
 from __future__ import annotations
@@ -113,6 +114,54 @@ def test_dump_ir_shows_each_recognition_step(zoo, tmp_path):
     assert "R.nn.softmax" in (tmp_path / "ir" / "r2-recognize_swiglu.py").read_text()
     assert "R.nn.softmax" not in (tmp_path / "ir" / "r3-recognize_attention.py").read_text().split("def main")[1]
     assert "def forward" in (tmp_path / "ir" / "r4-recognize_model.py").read_text()
+
+
+def export_with_past(model, path):
+    """ONNX Runtime GenAI's layout: forward(input_ids, attention_mask [1, past + seq], position_ids,
+    past_key_values.{i}.key/value [1, kv, past, d]) -> (logits, present.{i}.key/value), dynamo export."""
+    import warnings
+
+    from transformers import DynamicCache
+
+    layers, kv, d = model.config.num_hidden_layers, model.config.num_key_value_heads, model.config.head_dim
+
+    class WithPast(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, input_ids, attention_mask, position_ids, past):
+            cache = DynamicCache(config=self.m.config)
+            for i in range(layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+            return (out.logits, *(t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)))
+
+    p, s = 3, 5
+    past = tuple(torch.randn(1, kv, p, d) for _ in range(2 * layers))
+    args = (torch.randint(0, 320, (1, s)), torch.ones(1, p + s, dtype=torch.long), torch.arange(p, p + s)[None], past)
+    seq, pl, tot = (torch.export.Dim(n, min=1, max=128) for n in ("seq", "past", "total"))
+    names = [f"past_key_values.{i // 2}.{('key', 'value')[i % 2]}" for i in range(2 * layers)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(WithPast().eval(), args, str(path), dynamo=True, verbose=False,
+                          dynamic_shapes=({1: seq}, {1: tot}, {1: seq}, tuple({2: pl} for _ in past)),
+                          input_names=["input_ids", "attention_mask", "position_ids", *names],
+                          output_names=["logits", *(n.replace("past_key_values", "present") for n in names)])
+    return path
+
+
+def test_onnx_with_past_key_values_generates_like_transformers(zoo, tmp_path, one_torch_thread):
+    """The past inputs are specialised to an empty cache (kiln's paged cache replaces them), the presents
+    dropped; attention reads through the concatenation with the empty past."""
+    model_dir, hf = zoo.hf("llama")
+    path = export_with_past(hf, tmp_path / "llama-kv.onnx")
+    compile_model(path, tmp_path / "art", CompileConfig(tokenizer=model_dir))
+    prompt = [5, 6, 7, 11, 13]
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+    [res] = LLM(tmp_path / "art").generate([prompt], params)
+    assert res.token_ids == hf_greedy(hf, prompt, NEW_TOKENS)
 
 
 # ------------------------------------------------------------------------------------------ user errors
