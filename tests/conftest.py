@@ -99,6 +99,25 @@ def make_hf_model(variant: str, path: Path, seed: int = 0):
     return model.eval()
 
 
+def fused_param_shapes(spec) -> dict[str, tuple[int, ...]]:
+    """The artifact's parameter layout for ``spec`` after the fusion passes: the reference form's, with each
+    layer's q/k/v projections (and biases) and gate/up projections merged row-wise, in place of the first."""
+    from kiln.frontend.reference import param_shapes
+
+    merged = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "q_bias": "qkv_bias",
+              "k_bias": "qkv_bias", "v_bias": "qkv_bias", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in param_shapes(spec).items():
+        layer, _, role = name.rpartition(".")
+        if role not in merged:
+            out[name] = tuple(shape)
+            continue
+        key = f"{layer}.{merged[role]}"
+        rows = out.get(key, (0,))[0]
+        out[key] = (rows + shape[0], *shape[1:])
+    return out
+
+
 def export_graph(model, path: Path) -> Path:
     """Export ``model.forward(input_ids, attention_mask) -> logits`` (sequence length dynamic, 2..128) to
     ``path``: a .pt2 with torch.export.save, an .onnx with the dynamo ONNX exporter."""

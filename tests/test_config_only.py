@@ -59,7 +59,7 @@ def art(config_dir) -> Path:
 
 @pytest.mark.cpu
 def test_manifest_records_no_weights_the_layout_and_a_placeholder_tokenizer(art):
-    from kiln.frontend.reference import param_shapes
+    from conftest import fused_param_shapes
 
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["weights"] == "none" and manifest["tokenizer"] == "placeholder"
@@ -68,15 +68,7 @@ def test_manifest_records_no_weights_the_layout_and_a_placeholder_tokenizer(art)
     assert not (art / "params.safetensors").exists()
     a = load_artifact(art)  # verifies every listed file's sha256
     assert not a.has_weights and a.placeholder_tokenizer
-    # the reference form's layout, with each layer's q/k/v and gate/up merged by the fusion passes
-    want = {}
-    for name, shape in param_shapes(a.spec).items():
-        layer, _, role = name.rpartition(".")
-        merged = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
-                  "up_proj": "gate_up_proj"}.get(role)
-        key = f"{layer}.{merged}" if merged else name
-        prev = want.get(key, ((0, *shape[1:]), "float32"))[0]
-        want[key] = ((prev[0] + shape[0], *shape[1:]), "float32") if merged else (shape, "float32")
+    want = {name: (shape, "float32") for name, shape in fused_param_shapes(a.spec).items()}
     assert a.param_layout == want
     assert list(manifest["param_shapes"]) == manifest["param_names"]
 

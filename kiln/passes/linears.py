@@ -4,7 +4,7 @@ A linear named ``NAME`` (a parameter name of the packed tuple: ``layers.0.q_proj
 
     float:        y = matmul(x, permute_dims(W))           (+ astype back for fp16/bf16, fp32 accumulation)
     quantized:    y = call_tir(dequant_matmul | w4a8_matmul | w8a8_matmul, [x or x's int8 codes, NAME.<parts>])
-    then maybe    y = add(y, BIAS)
+    then maybe    y = add(y, BIAS)  (or add(BIAS, y))
 
 ``merge_params`` and ``rewrite_forward`` let a pass replace several linears by one over concatenated
 weights: the packed params tuple loses the merged parameters and gains the concatenation (rows, axis 0,
@@ -79,9 +79,10 @@ def find_linears(mod: IRModule, layout: Layout) -> dict[str, Linear]:
             lin = by_out[v.args[0]]
             lin.out, lin.dtype = b.var, str(b.var.ty.dtype)
             by_out[b.var] = lin
-        elif _op(v) == "relax.add" and v.args[0] in by_out and v.args[1] in param_of:
-            lin = by_out[v.args[0]]
-            lin.out, lin.bias = b.var, param_of[v.args[1]]
+        elif _op(v) == "relax.add" and any(a in by_out and c in param_of for a, c in (v.args, v.args[::-1])):
+            y, bias = v.args if v.args[0] in by_out else v.args[::-1]  # y + bias or bias + y
+            lin = by_out[y]
+            lin.out, lin.bias = b.var, param_of[bias]
             by_out[b.var] = lin
     return found
 

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import fused_param_shapes
 
 from kiln.artifact import load_artifact
 from kiln.cli import main
 from kiln.compiler import CompileConfig, compile_model
 from kiln.frontend.hf import load_spec
-from kiln.frontend.reference import param_shapes
 from kiln.runtime import LLM, SamplingParams
 
 pytestmark = pytest.mark.cpu
@@ -86,8 +86,9 @@ def test_spec_and_parameter_names_read_off_the_graph(variant, fmt, zoo, compiled
     assert not diff, diff
     assert got.architecture == {"pt2": "torch.export graph", "onnx": "onnx graph"}[fmt]
     manifest = json.loads((compiled(variant, fmt) / "manifest.json").read_text())
-    assert manifest["param_names"] == list(param_shapes(want))
-    assert {k: v[0] for k, v in manifest["param_shapes"].items()} == {k: list(s) for k, s in param_shapes(want).items()}
+    assert manifest["param_names"] == list(fused_param_shapes(want))  # kiln's names, merged by fusion
+    assert {k: v[0] for k, v in manifest["param_shapes"].items()} == \
+        {k: list(s) for k, s in fused_param_shapes(want).items()}
     assert manifest["options"]["source_format"] == {"pt2": "torch.export", "onnx": "onnx"}[fmt]
 
 
