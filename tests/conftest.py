@@ -118,6 +118,28 @@ def fused_param_shapes(spec) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def unfuse_params(params: dict, spec) -> dict:
+    """An artifact's stored tensors with the fusion passes' merges split back, row-wise, into each linear's
+    own (``layers.0.qkv_proj.qweight`` -> ``layers.0.q_proj.qweight``, ...), for tests that compare them
+    with a per-linear reference."""
+    qd, kvd = spec.num_q_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    splits = {"qkv_proj": (("q_proj", qd), ("k_proj", kvd), ("v_proj", kvd)),
+              "qkv_bias": (("q_bias", qd), ("k_bias", kvd), ("v_bias", kvd)),
+              "gate_up_proj": (("gate_proj", spec.intermediate_size), ("up_proj", spec.intermediate_size))}
+    out = {}
+    for name, t in params.items():
+        parts = name.split(".")
+        if len(parts) >= 3 and parts[0] == "layers" and parts[2] in splits:
+            row = 0
+            for role, rows in splits[parts[2]]:
+                out[".".join([*parts[:2], role, *parts[3:]])] = t[row:row + rows]
+                row += rows
+            assert row == t.shape[0], name
+        else:
+            out[name] = t
+    return out
+
+
 def export_graph(model, path: Path) -> Path:
     """Export ``model.forward(input_ids, attention_mask) -> logits`` (sequence length dynamic, 2..128) to
     ``path``: a .pt2 with torch.export.save, an .onnx with the dynamo ONNX exporter."""

@@ -451,7 +451,7 @@ class _Matcher:
         if not all(np.array_equal(a, allowed[0]) for a in allowed):
             self.fail(at, "the mask differs between heads")
         allowed = allowed[0]
-        i, j = np.indices((n, n))
+        i, j = np.arange(n)[:, None], np.arange(n)[None, :]  # broadcast: no n x n index arrays
         if np.array_equal(allowed, j <= i):
             return None
         w = int(allowed.sum(axis=1).max())

@@ -14,7 +14,7 @@ from kiln.frontend.reference import build_reference
 from kiln.ir.abi import ENTRY_POINTS
 from kiln.ir.spec import ModelSpec
 from kiln.passes.paged_attention import KV_ATTENTION_BUILTIN
-from kiln.passes.pipeline import Step, build_pipeline, run_pipeline
+from kiln.passes.pipeline import Fusion, Step, build_pipeline, run_pipeline
 
 pytestmark = pytest.mark.cpu
 
@@ -102,7 +102,8 @@ def test_cli_compile_dump_ir(zoo, tmp_path):
     res = CliRunner().invoke(main, ["compile", str(model_dir), "-o", str(out), "--dump-ir", str(dump), "-q"])
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert "wrote" in res.output
-    steps = build_pipeline(resolve_target("cpu"))
+    steps = build_pipeline(resolve_target("cpu"), fusion=Fusion({}))  # the step names kiln compile runs
+    assert [s.name for s in steps][1:4] == ["fuse_qkv", "fuse_gate_up", "fuse_add_rms_norm"]
     texts = _check_dumps(dump, steps)
     assert "forward" in _defs(texts["00-input.py"])
     assert set(ENTRY_POINTS) <= _defs(texts[_expected_files(steps)[-1]])

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BASE_CONFIG, VOCAB, save_tokenizer
+from conftest import BASE_CONFIG, VOCAB, save_tokenizer, unfuse_params
 
 pytestmark = pytest.mark.cpu
 
@@ -99,7 +99,7 @@ def test_autoawq_checkpoint_matches_dequantized_transformers(awq_checkpoint, tmp
     options = load_artifact(art).manifest["options"]
     assert options["quant"] == "awq-w4g128" and options["source_format"] == "autoawq"
     assert options["dtype"] == (dtype or "float16")  # by default the checkpoint's
-    params = load_file(str(art / "params.safetensors"))
+    params = unfuse_params(load_file(str(art / "params.safetensors")), load_artifact(art).spec)
     assert "layers.0.q_proj" not in params and params["layers.0.q_proj.qweight"].dtype == torch.int32
     assert params["layers.0.q_proj.scales"].dtype == getattr(torch, options["dtype"])  # fp16 scales, cast
     assert params["layers.1.down_proj.zeros"].shape == (128, 256 // GROUP)

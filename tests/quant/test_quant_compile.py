@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DEMO_MODEL
+from conftest import DEMO_MODEL, unfuse_params
 
 pytestmark = pytest.mark.cpu
 
@@ -71,11 +71,12 @@ def kiln_logits(artifact, ids) -> np.ndarray:
 def test_quantized_artifact_matches_dequantized_transformers(zoo, calib, scheme):
     from safetensors.torch import load_file
 
+    from kiln.artifact import load_artifact
     from kiln.runtime.tokenizer import Tokenizer
 
     art = zoo.artifact("demo", quant=scheme, calib=calib)
     ids = Tokenizer(art).encode(PROMPT)[:24]
-    qparams = load_file(str(art / "params.safetensors"))
+    qparams = unfuse_params(load_file(str(art / "params.safetensors")), load_artifact(art).spec)
     got, want = kiln_logits(art, ids), hf_logits_with(qparams, scheme, ids)
     if scheme.startswith(("rtn", "awq")):
         np.testing.assert_allclose(got, want, atol=2e-3, rtol=1e-3)
