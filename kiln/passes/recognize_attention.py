@@ -38,7 +38,7 @@ from ..errors import PassError
 from ..ir.attention import build_attention_function
 from ..ir.spec import RopeSpec
 from ..ir.tvm import IRModule, relax, tirx, tvm
-from .graph_view import ENTRY, GraphView, describe, int_dims, op_name, rebuild, scalar_const, shape_of, with_entry
+from .graph_view import ENTRY, GraphView, describe, op_name, rebuild, scalar_const, shape_of, with_entry
 
 # the sequence length at which view chains are replayed and RoPE tables checked: a prime, so that it is
 # never mistaken for a head count or a head dimension
@@ -359,6 +359,7 @@ class _Matcher:
         grp = hq // hkv
         # index replays: every view chain moves elements as kiln's layout does
         def idx(p, h):
+            """(the source's element numbers in its own shape, the same numbers as kiln's [s, h, d])"""
             return np.arange(n * h * d).reshape(self.concrete(p.source)), np.arange(n * h * d).reshape(n, h, d)
 
         for name, p, h in (("q", q, hq), ("k", k, hkv)):
@@ -400,7 +401,7 @@ class _Matcher:
         window = self.check_mask(softmax_var, mask)
         sm_scale = scale * q.scale * k.scale
         return dict(q=q.source, k=k.source, v=v.source, out=out, hq=hq, hkv=hkv, d=d, rope=rope, window=window,
-                    sm_scale=sm_scale, dtype=str(shape_dtype(q.source)), interleaved=q.style == "interleaved")
+                    sm_scale=sm_scale, dtype=str(q.source.ty.dtype), interleaved=q.style == "interleaved")
 
     # ------------------------------------------------------------------------------ evaluated checks
 
@@ -466,10 +467,6 @@ def interleaved_to_half(d: int) -> list[int]:
     this permutation, rotate-half RoPE of x permuted, and permuting q and k alike leaves q.k unchanged:
     that is how kiln runs interleaved-RoPE models on its (rotate-half) kernels."""
     return [2 * j for j in range(d // 2)] + [2 * j + 1 for j in range(d // 2)]
-
-
-def shape_dtype(e) -> str:
-    return e.ty.dtype
 
 
 def _snap(x: float) -> float:
