@@ -64,7 +64,14 @@ def load_graph(path: Path):
         from .torch_export import load_exported_program
 
         mod, params, info = load_exported_program(path)
-        weights = {k: v.float().numpy() if str(v.dtype) == "torch.bfloat16" else v.numpy() for k, v in params.items()}
+        half = sorted({str(v.dtype).removeprefix("torch.") for v in params.values() if v.is_floating_point()}
+                      & {"float16", "bfloat16"})
+        if half:
+            raise UnsupportedModelError(
+                f"{path}: a {half[0]} torch.export graph: TVM 0.27's importer computes its linears in float32 "
+                "(matmul out_dtype float32, never cast back), so the graph mixes precisions kiln does not "
+                "recognise; export the model in float32 (a float16 ONNX export works)")
+        weights = {k: v.numpy() for k, v in params.items()}
     elif path.suffix == ".onnx":
         from .onnx_import import load_onnx
 

@@ -405,12 +405,27 @@ class _Matcher:
 
     # ------------------------------------------------------------------------------ evaluated checks
 
+    def table(self, t) -> np.ndarray:
+        """A cos/sin table at LAYOUT_LEN tokens, in the precision it was computed in: a cast to a half dtype
+        on its way to q/k is skipped (transformers computes the tables in float32, then casts; kiln's RoPE
+        kernels compute in float32 too), the views after it replayed."""
+        chain, e = [], t
+        while isinstance(e, relax.Var) and self.g.op(e) in ("astype", "expand_dims", "reshape", "broadcast_to"):
+            chain.append(e)
+            e = self.g.value[e].args[0]
+        if not any(self.g.op(v) == "astype" for v in chain) or e in self.g.token:
+            return self.eval(t, self.n)
+        return self.replay(self.eval(e, self.n).astype(np.float64), chain[::-1])
+
     def check_rope(self, at, q: _Path, k: _Path, d: int) -> RopeSpec:
         n = self.n
         tables = []
         for p in (q, k):
             shape = self.concrete(p.rope)
-            cs = [np.broadcast_to(self.eval(t, n), shape).reshape(-1, n, d)[0].astype(np.float64) for t in (p.cos, p.sin)]
+            # the tables before a cast to a half dtype (transformers computes them in float32, then casts;
+            # kiln's RoPE kernels compute in float32 too)
+            cs = [np.broadcast_to(self.table(t), shape).reshape(-1, n, d)[0].astype(np.float64)
+                  for t in (p.cos, p.sin)]
             tables.append(cs)
         if not all(np.allclose(t[0], tables[0][0], atol=1e-6) and np.allclose(t[1], tables[0][1], atol=1e-6)
                    for t in tables) or q.style != k.style:
@@ -443,8 +458,8 @@ class _Matcher:
         kind, m = mask
         val = self.eval(m, n)
         val = np.broadcast_to(val, val.shape[:-2] + (n, n)).reshape(-1, n, n)
-        if kind == "add":
-            if not np.all((val == 0) | (val <= -1e30)):
+        if kind == "add":  # 0 where attended; -inf or the dtype's lowest value (-65504 in fp16) where not
+            if not np.all((val == 0) | (val <= -6e4)):
                 self.fail(at, "the additive mask has values other than 0 and -inf (a position bias kiln cannot fold)")
             allowed = val == 0
         else:

@@ -165,6 +165,43 @@ def test_onnx_with_past_key_values_generates_like_transformers(zoo, tmp_path, on
     assert res.token_ids == hf_greedy(hf, prompt, NEW_TOKENS)
 
 
+def test_float16_onnx_generates_like_the_float16_checkpoint(zoo, tmp_path, one_torch_thread):
+    """A half-precision export: the RoPE tables are checked before their cast to float16 (transformers
+    computes them in float32), the mask's lowest value is fp16's; tokens equal kiln's fp16 checkpoint build."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir, _ = zoo.hf("llama")
+    half = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float16).eval()
+    path = zoo.root / "graph-llama-fp16.onnx"
+    if not path.exists():
+        from conftest import export_graph
+
+        export_graph(half, path)
+    compile_model(path, tmp_path / "art", CompileConfig(tokenizer=model_dir))
+    assert load_artifact(tmp_path / "art").spec.dtype == "float16"
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+    prompts = [[5, 6, 7, 11, 13], list(range(40, 70))]
+    got = LLM(tmp_path / "art").generate(prompts, params)
+    want = LLM(zoo.artifact("llama", dtype="float16")).generate(prompts, params)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+
+
+def test_half_precision_pt2_is_refused_with_the_reason(zoo, tmp_path):
+    from kiln.errors import UnsupportedModelError
+    from kiln.frontend.graph import load_graph
+
+    model_dir, model = zoo.hf("llama")
+    ids = torch.randint(0, 320, (1, 12))
+    seq = torch.export.Dim("seq", min=2, max=128)
+    half = type(model).from_pretrained(model_dir, dtype=torch.float16).eval()
+    half.config.use_cache = False
+    ep = torch.export.export(half, (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                             dynamic_shapes={"input_ids": {1: seq}, "attention_mask": {1: seq}})
+    torch.export.save(ep, tmp_path / "half.pt2")
+    with pytest.raises(UnsupportedModelError, match="float16 torch.export graph.*export the model in float32"):
+        load_graph(tmp_path / "half.pt2")
+
+
 # ------------------------------------------------------------------------------------------ user errors
 
 
