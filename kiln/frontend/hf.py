@@ -120,22 +120,50 @@ def _rope(config: dict[str, Any]) -> RopeSpec:
     raise UnsupportedModelError(f"unsupported rope scaling type {rtype!r}; kiln supports default, linear, llama3")
 
 
-def _sliding_window(config: dict[str, Any]) -> int | None:
+HF_LAYER_TYPES = {"full_attention": "global", "sliding_attention": "sliding"}
+
+
+def _attention_layout(config: dict[str, Any], ctx: int) -> tuple[int | None, tuple[str, ...], tuple[int, ...]]:
+    """(sliding window, per-layer types, per-layer KV sources) from a config.
+
+    Types: ``layer_types`` (transformers 5: "full_attention" / "sliding_attention"); Qwen2/Qwen3's older
+    ``max_window_layers``; Mistral-style ``sliding_window`` alone (every layer slides);
+    ``use_sliding_window: false`` (none does). A window at least as long as the compiled context can never
+    take effect: those layers are global. KV sources: kiln's ``kv_sources`` (per layer, the absolute index
+    of the layer whose K/V it attends to; its own index for an owner: docs in README "MixAttention"), or
+    ``num_kv_shared_layers`` (the last N layers reuse the KV of the last earlier layer of the same type)."""
+    n = int(config["num_hidden_layers"])
+    window = config.get("sliding_window")
+    types = config.get("layer_types")
+    if types is None and window is not None and "max_window_layers" in config:
+        first = int(config["max_window_layers"])  # Qwen2/Qwen3 before transformers 5: layers from it on slide
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    if types is None:
+        types = ["sliding_attention" if window else "full_attention"] * n
     if config.get("use_sliding_window") is False:
-        return None
-    layer_types = config.get("layer_types")
-    if layer_types is None and config.get("sliding_window") is not None and "max_window_layers" in config:
-        # Qwen2/Qwen3 configs older than transformers 5 have no layer_types: layers from max_window_layers on slide.
-        first = int(config["max_window_layers"])
-        layer_types = ["sliding_attention" if i >= first else "full_attention"
-                       for i in range(int(config["num_hidden_layers"]))]
-    if layer_types is not None:
-        sliding = [t == "sliding_attention" for t in layer_types]
-        if not any(sliding):
-            return None
-        if not all(sliding):
-            raise UnsupportedModelError("models mixing sliding-window and global layers are not supported yet")
-    return config.get("sliding_window")
+        types = ["full_attention"] * n
+    unknown = sorted({t for t in types if t not in HF_LAYER_TYPES})
+    if unknown or len(types) != n:
+        raise UnsupportedModelError(f"layer_types {unknown or types} are not supported; kiln supports "
+                                    f"{', '.join(HF_LAYER_TYPES)} ({n} entries)")
+    kinds = [HF_LAYER_TYPES[t] for t in types]
+    if "sliding" in kinds and window is None:
+        raise UnsupportedModelError("layer_types has sliding_attention layers but the config has no sliding_window")
+    if "sliding" in kinds and int(window) >= ctx:
+        kinds = ["global"] * n
+    if "sliding" not in kinds:
+        window = None
+    sources = list(range(n))
+    if config.get("kv_sources") is not None:
+        sources = [int(x) for x in config["kv_sources"]]
+    elif config.get("num_kv_shared_layers"):
+        first_shared = n - int(config["num_kv_shared_layers"])
+        for i in range(first_shared, n):
+            owners = [j for j in range(first_shared) if kinds[j] == kinds[i]]
+            if not owners:
+                raise UnsupportedModelError(f"layer {i} shares KV but no earlier layer is {kinds[i]}")
+            sources[i] = owners[-1]
+    return (int(window) if window else None), tuple(kinds), tuple(sources)
 
 
 def _eos_ids(model_dir: Path, config: dict[str, Any]) -> tuple[int, ...]:
@@ -164,9 +192,7 @@ def load_spec(model_dir: Path, dtype: str | None = None, context_len: int | None
         head_dim = int(config.get("head_dim") or hidden // heads)
         max_pos = int(config.get("max_position_embeddings", 4096))
         ctx = min(max_pos, context_len) if context_len else max_pos
-        window = _sliding_window(config)
-        # A window at least as long as the compiled context can never take effect: the model is global.
-        window = None if window is None or int(window) >= ctx else int(window)
+        window, layer_types, kv_sources = _attention_layout(config, ctx)
         bias = config.get("attention_bias", False)
         if dtype is None:
             dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
@@ -189,6 +215,8 @@ def load_spec(model_dir: Path, dtype: str | None = None, context_len: int | None
             o_bias=bool(bias if arch.o_bias is None else arch.o_bias),
             qk_norm=arch.qk_norm,
             sliding_window=window,
+            layer_types=layer_types,
+            kv_sources=kv_sources,
             dtype=dtype,
             bos_token_id=config.get("bos_token_id"),
             eos_token_ids=_eos_ids(model_dir, config),

@@ -10,6 +10,7 @@ Parameters are a packed tuple in ``param_shapes(spec)`` order, weights stay para
 
 from __future__ import annotations
 
+from ..errors import UnsupportedModelError
 from ..ir.abi import REFERENCE_ENTRY
 from ..ir.attention import build_attention_function
 from ..ir.spec import ModelSpec
@@ -41,6 +42,11 @@ def param_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
 
 
 def build_reference(spec: ModelSpec) -> IRModule:
+    if any(src != i for i, src in enumerate(spec.kv_sources)):
+        raise UnsupportedModelError("cross-layer KV sharing (kv_sources) is not compiled yet: the share_kv pass and "
+                                    "a per-group KV cache are still to come")
+    if len(set(spec.layer_types)) > 1:
+        raise UnsupportedModelError("models mixing sliding-window and global layers are not compiled yet")
     shapes = param_shapes(spec)
     names = list(shapes)
     dt, H, d, eps = spec.dtype, spec.hidden_size, spec.head_dim, spec.rms_norm_eps

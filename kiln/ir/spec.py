@@ -13,6 +13,7 @@ from typing import Any
 
 DTYPES = ("float32", "float16", "bfloat16")
 ROPE_TYPES = ("default", "linear", "llama3")
+LAYER_TYPES = ("global", "sliding")
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,13 @@ class ModelSpec:
     attention_bias: bool = False  # bias on the q/k/v projections
     o_bias: bool = False  # bias on the output projection
     qk_norm: bool = False
-    sliding_window: int | None = None  # None: every layer attends globally
+    sliding_window: int | None = None  # the window W of the sliding layers; None: every layer attends globally
+    # per layer "global" or "sliding" (window sliding_window); () = every layer sliding if sliding_window is
+    # set, else global. Normalised in __post_init__ to one entry per layer.
+    layer_types: tuple[str, ...] = ()
+    # per layer, the layer whose K/V it attends to: itself for a KV owner, an earlier owner of the same type
+    # for a layer that shares (MixAttention / cross-layer KV sharing). () = every layer owns its KV.
+    kv_sources: tuple[int, ...] = ()
     dtype: str = "float32"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -85,6 +92,19 @@ class ModelSpec:
         assert self.num_layers > 0, f"num_hidden_layers must be positive, got {self.num_layers}"
         assert self.context_len > 0, f"the context length must be positive, got {self.context_len}"
         assert min(self.vocab_size, self.hidden_size, self.intermediate_size) > 0, "sizes must be positive"
+        L = self.num_layers
+        types = tuple(self.layer_types) or (("sliding" if self.sliding_window else "global"),) * L
+        sources = tuple(int(x) for x in self.kv_sources) or tuple(range(L))
+        object.__setattr__(self, "layer_types", types)
+        object.__setattr__(self, "kv_sources", sources)
+        assert len(types) == L and set(types) <= set(LAYER_TYPES), \
+            f"layer_types needs {L} entries of {LAYER_TYPES}, got {types}"
+        assert "sliding" not in types or (self.sliding_window or 0) > 0, "sliding layers need a sliding_window"
+        assert len(sources) == L, f"kv_sources needs {L} entries, got {len(sources)}"
+        for i, src in enumerate(sources):
+            assert 0 <= src <= i, f"layer {i} takes its KV from layer {src}: a source must be this or an earlier layer"
+            assert sources[src] == src, f"layer {i} takes its KV from layer {src}, which itself shares another's"
+            assert types[src] == types[i], f"layer {i} ({types[i]}) shares the KV of layer {src} ({types[src]})"
 
     @property
     def num_groups(self) -> int:
@@ -95,9 +115,30 @@ class ModelSpec:
         return 4 if self.dtype == "float32" else 2
 
     @property
+    def kv_owners(self) -> dict[str, tuple[int, ...]]:
+        """The layers that store K/V (their own), per attention type: {"global": (...), "sliding": (...)}."""
+        out: dict[str, list[int]] = {t: [] for t in LAYER_TYPES}
+        for i, (t, src) in enumerate(zip(self.layer_types, self.kv_sources)):
+            if src == i:
+                out[t].append(i)
+        return {t: tuple(v) for t, v in out.items()}
+
+    @property
+    def kv_bytes_per_token_per_layer(self) -> int:
+        """K and V of one layer for one token, in bytes."""
+        return 2 * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+    @property
     def kv_bytes_per_token(self) -> int:
-        """K and V of every layer for one token, in bytes."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+        """K and V of every KV-owning layer for one token, in bytes (each owner storing every token)."""
+        return sum(len(v) for v in self.kv_owners.values()) * self.kv_bytes_per_token_per_layer
+
+    def kv_bytes(self, seq_len: int) -> dict[str, int]:
+        """KV bytes one sequence of ``seq_len`` tokens holds, per attention type: global owners keep every
+        token, sliding owners the last ``sliding_window``: (global owners x L + sliding owners x min(L, W))."""
+        owners, per = self.kv_owners, self.kv_bytes_per_token_per_layer
+        window = min(seq_len, self.sliding_window or seq_len)
+        return {"global": len(owners["global"]) * seq_len * per, "sliding": len(owners["sliding"]) * window * per}
 
     @property
     def sm_scale(self) -> float:
@@ -109,6 +150,7 @@ class ModelSpec:
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["eos_token_ids"] = list(self.eos_token_ids)
+        d["layer_types"], d["kv_sources"] = list(self.layer_types), list(self.kv_sources)
         return d
 
     @classmethod
@@ -116,4 +158,5 @@ class ModelSpec:
         d = dict(d)
         d["rope"] = RopeSpec(**d["rope"])
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        d["layer_types"], d["kv_sources"] = tuple(d.get("layer_types", ())), tuple(d.get("kv_sources", ()))
         return cls(**d)

@@ -181,9 +181,54 @@ def test_sliding_window(tmp_path, name, config, context_len, want):
     qwen2(use_sliding_window=True, sliding_window=32, layer_types=["full_attention", "sliding_attention"]),
     qwen2(use_sliding_window=True, sliding_window=32, max_window_layers=1),  # old form, layer 1 slides
 ], ids=["v5", "old"])
-def test_mixed_sliding_and_global_layers_unsupported(tmp_path, config):
-    with pytest.raises(UnsupportedModelError, match="sliding"):
-        load_spec(write_config(tmp_path, base=config))
+def test_mixed_sliding_and_global_layers_read_per_layer_and_not_compiled_yet(tmp_path, config):
+    from kiln.frontend.reference import build_reference
+
+    spec = load_spec(write_config(tmp_path, base=config))
+    assert spec.layer_types == ("global", "sliding") and spec.sliding_window == 32 and spec.kv_sources == (0, 1)
+    with pytest.raises(UnsupportedModelError, match="mixing sliding-window and global layers"):
+        build_reference(spec)
+
+
+# Character.AI's 13-layer map (llm-foundry's MPT docstring): 1 global KV owner (L0) and 4 sliding owners
+CHARACTER_AI_TYPES = ["full_attention", *["sliding_attention"] * 5, "full_attention", *["sliding_attention"] * 5,
+                      "full_attention"]
+CHARACTER_AI_SOURCES = [0, 1, 1, 3, 3, 3, 0, 7, 7, 9, 9, 9, 0]
+
+
+def test_kiln_kv_sources_config_gives_the_mixattention_spec(tmp_path):
+    from kiln.frontend.reference import build_reference
+
+    cfg = qwen2(use_sliding_window=True, sliding_window=64, num_hidden_layers=13, layer_types=CHARACTER_AI_TYPES,
+                kv_sources=CHARACTER_AI_SOURCES, max_position_embeddings=4096)
+    spec = load_spec(write_config(tmp_path, base=cfg))
+    assert spec.kv_owners == {"global": (0,), "sliding": (1, 3, 7, 9)}
+    per = spec.kv_bytes_per_token_per_layer
+    for L in (10, 64, 2000):  # global owners x L + sliding owners x min(L, W)
+        assert sum(spec.kv_bytes(L).values()) == per * (1 * L + 4 * min(L, 64))
+    with pytest.raises(UnsupportedModelError, match="KV sharing"):
+        build_reference(spec)
+
+
+def test_num_kv_shared_layers_reuse_the_last_owner_of_their_type(tmp_path):
+    cfg = qwen2(use_sliding_window=True, sliding_window=64, num_hidden_layers=6, max_position_embeddings=4096,
+                layer_types=["sliding_attention", "full_attention"] * 3, num_kv_shared_layers=2)
+    spec = load_spec(write_config(tmp_path, base=cfg))
+    assert spec.kv_sources == (0, 1, 2, 3, 2, 3)
+
+
+@pytest.mark.parametrize("sources, message", [
+    ([0, 0, 1, 3, 3, 3, 0, 7, 7, 9, 9, 9, 0], "shares the KV of layer 0"),  # sliding layer 1 -> global layer 0
+    ([0, 1, 2, 3, 3, 3, 0, 7, 7, 9, 9, 9, 13], "earlier layer"),
+    ([0, 1, 1, 2, 3, 3, 0, 7, 7, 9, 9, 9, 0], "itself shares another's"),
+])
+def test_bad_kv_sources_are_refused(tmp_path, sources, message):
+    from kiln.errors import CheckpointError
+
+    cfg = qwen2(use_sliding_window=True, sliding_window=64, num_hidden_layers=13, layer_types=CHARACTER_AI_TYPES,
+                kv_sources=sources, max_position_embeddings=4096)
+    with pytest.raises(CheckpointError, match=message):
+        load_spec(write_config(tmp_path, base=cfg))
 
 
 def test_sliding_window_agrees_with_transformers(tmp_path):

@@ -1,0 +1,99 @@
+"""A PyTorch reference of the MixAttention forward: the numerical truth for kiln's share_kv pass and its
+per-group KV cache (issue "MixAttention").
+
+A Llama-family decoder whose layers each have an attention type (``spec.layer_types``: "global", or
+"sliding" over the last ``spec.sliding_window`` positions, itself included) and a KV source
+(``spec.kv_sources``): an owner computes K and V from its own input; a sharing layer computes only its
+queries and attends to its source layer's K and V of the same forward (RoPE already applied) — it has
+no k_proj/v_proj weights. Weights use kiln's parameter names (frontend/reference.py ``param_shapes``
+minus the sharing layers' k/v). Everything is float64-free plain float32 on the CPU, full recompute: no
+cache, so it is the definition, not an implementation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kiln.frontend.reference import param_shapes
+from kiln.ir.spec import ModelSpec
+
+
+def weight_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """kiln's parameter layout without the K/V projections (and biases) of layers that share KV."""
+    sharing = {i for i, src in enumerate(spec.kv_sources) if src != i}
+    drop = {f"layers.{i}.{p}" for i in sharing for p in ("k_proj", "v_proj", "k_bias", "v_bias", "k_norm")}
+    return {n: s for n, s in param_shapes(spec).items() if n not in drop}
+
+
+def random_weights(spec: ModelSpec, seed: int = 0, std: float = 0.15) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {n: (1.0 + 0.1 * torch.randn(s, generator=g)) if n.endswith("norm") else std * torch.randn(s, generator=g)
+            for n, s in weight_shapes(spec).items()}
+
+
+def _rms_norm(x, w, eps):
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _rope(x, positions, inv_freq):  # x: [s, h, d], rotate-half
+    f = positions[:, None].float() * inv_freq[None, :]
+    cos, sin = torch.cat([f, f], -1).cos()[:, None], torch.cat([f, f], -1).sin()[:, None]
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rot * sin
+
+
+def mask(spec: ModelSpec, layer: int, n: int) -> torch.Tensor:
+    """[n, n] bool: query i sees key j (causal; within the window for a sliding layer)."""
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    allowed = j <= i
+    if spec.layer_types[layer] == "sliding":
+        allowed &= (i - j) < spec.sliding_window
+    return allowed
+
+
+@torch.no_grad()
+def forward(spec: ModelSpec, w: dict[str, torch.Tensor], ids: list[int]) -> torch.Tensor:
+    """Logits [n, V] of the token sequence ``ids`` (positions 0..n-1)."""
+    n, d, hq, hkv = len(ids), spec.head_dim, spec.num_q_heads, spec.num_kv_heads
+    inv_freq = torch.tensor(spec.rope.inv_freq(d), dtype=torch.float32)
+    pos = torch.arange(n)
+    x = w["embed_tokens"][torch.tensor(ids)]
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # owner layer -> (k, v): [n, hkv, d], RoPE applied
+
+    def lin(h, name, bias=None):
+        y = h @ w[name].T
+        return y + w[bias] if bias and bias in w else y
+
+    for i in range(spec.num_layers):
+        p = f"layers.{i}."
+        h = _rms_norm(x, w[p + "input_norm"], spec.rms_norm_eps)
+        q = lin(h, p + "q_proj", p + "q_bias").view(n, hq, d)
+        if spec.qk_norm:
+            q = _rms_norm(q, w[p + "q_norm"], spec.rms_norm_eps)
+        q = _rope(q, pos, inv_freq)
+        src = spec.kv_sources[i]
+        if src == i:
+            k = lin(h, p + "k_proj", p + "k_bias").view(n, hkv, d)
+            if spec.qk_norm:
+                k = _rms_norm(k, w[p + "k_norm"], spec.rms_norm_eps)
+            kv[i] = (_rope(k, pos, inv_freq), lin(h, p + "v_proj", p + "v_bias").view(n, hkv, d))
+        k, v = kv[src]
+        g = hq // hkv
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # [n, hq, d]
+        scores = torch.einsum("ihd,jhd->hij", q, k) * spec.sm_scale
+        scores = scores.masked_fill(~mask(spec, i, n)[None], float("-inf"))
+        o = torch.einsum("hij,jhd->ihd", scores.softmax(-1), v).reshape(n, hq * d)
+        x = x + lin(o, p + "o_proj", p + "o_bias")
+        h = _rms_norm(x, w[p + "post_attention_norm"], spec.rms_norm_eps)
+        x = x + lin(torch.nn.functional.silu(lin(h, p + "gate_proj")) * lin(h, p + "up_proj"), p + "down_proj")
+    x = _rms_norm(x, w["final_norm"], spec.rms_norm_eps)
+    return x @ (w["embed_tokens"] if spec.tie_word_embeddings else w["lm_head"]).T
+
+
+def greedy(spec: ModelSpec, w: dict[str, torch.Tensor], prompt: list[int], num_tokens: int) -> list[int]:
+    """``num_tokens`` greedy continuations of ``prompt`` (full recompute each step)."""
+    tokens = list(prompt)
+    for _ in range(num_tokens):
+        tokens.append(int(forward(spec, w, tokens)[-1].argmax()))
+    return tokens[len(prompt):]
