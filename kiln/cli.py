@@ -143,6 +143,11 @@ def inspect(artifact, as_json):
         "tvm_version": art.manifest["tvm_version"], "target": art.target, "spec": spec.to_json(),
         "num_params": len(art.param_names), "files": sizes, "total_bytes": sum(sizes.values()),
         "kv_bytes_per_token": spec.kv_bytes_per_token,
+        # per attention group: its KV-owning layers and the bytes one token costs in each of them; a sliding
+        # group keeps only the last sliding_window tokens of a sequence
+        "kv_groups": {t: {"owners": list(o), "bytes_per_token": len(o) * spec.kv_bytes_per_token_per_layer,
+                          "window": spec.sliding_window if t == "sliding" else None}
+                      for t, o in spec.kv_owners.items() if o},
         "weights": "included" if art.has_weights else "none",
         "tokenizer": "placeholder" if art.placeholder_tokenizer else "included",
         "quant": art.manifest.get("options", {}).get("quant"),
@@ -162,8 +167,15 @@ def inspect(artifact, as_json):
                f"{'sliding window ' + str(spec.sliding_window) if spec.sliding_window else 'global'}"
                f"{', qkv bias' if spec.attention_bias else ''}{', q/k norm' if spec.qk_norm else ''}"
                f"{', tied embeddings' if spec.tie_word_embeddings else ''}")
-    click.echo(f"kv cache    {spec.kv_bytes_per_token} bytes per token "
-               f"(2 x {spec.num_layers} layers x {spec.num_kv_heads} kv heads x {spec.head_dim} x {spec.dtype_bytes} B)")
+    per = f"2 x {spec.num_kv_heads} kv heads x {spec.head_dim} x {spec.dtype_bytes} B"
+    for t, g in info["kv_groups"].items():
+        n = len(g["owners"])
+        keeps = f", kept for the last {g['window']} tokens" if g["window"] else ""
+        click.echo(f"kv cache    {t}: {g['bytes_per_token']} bytes per token ({per} x {n} KV-owning "
+                   f"layer{'s' if n != 1 else ''}{keeps})")
+    if len(set(spec.kv_sources)) < spec.num_layers:
+        click.echo(f"kv sharing  {sum(src != i for i, src in enumerate(spec.kv_sources))} layers attend to an "
+                   f"earlier layer's KV: {', '.join(f'{i}->{s}' for i, s in enumerate(spec.kv_sources) if s != i)}")
     if info["quant"]:
         src = art.manifest["options"].get("source_format", "hf")
         click.echo(f"quant       {info['quant']} (decoder linears; embedding and lm_head in {spec.dtype})"

@@ -105,7 +105,7 @@ def test_inspect(compiled, hf_dir):
     assert "float32" in text
     assert "target      cpu" in text
     assert "context 32" in text
-    assert f"kv cache    {kv} bytes per token" in text
+    assert f"kv cache    global: {kv} bytes per token (2 x 2 kv heads x 16 x 4 B x 2 KV-owning layers)" in text
     for name in ("model.so", "params.safetensors", "tokenizer.json", "total"):
         assert any(line.split()[0] == name and line.endswith("MB") for line in text.splitlines()), (name, text)
 
