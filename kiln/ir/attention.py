@@ -21,6 +21,13 @@ OP_ATTR = "kiln.op"
 ATTENTION = "attention"
 
 
+def layer_window(spec, layer_id: int) -> int:
+    """The sliding window of layer ``layer_id`` (-1: global), from the spec's per-layer attention types."""
+    types = getattr(spec, "layer_types", None)
+    sliding = types[layer_id] == "sliding" if types else bool(spec.sliding_window)
+    return int(spec.sliding_window) if sliding and spec.sliding_window else -1
+
+
 def attention_attrs(spec: ModelSpec, layer_id: int) -> dict:
     r = spec.rope
     return {
@@ -31,7 +38,7 @@ def attention_attrs(spec: ModelSpec, layer_id: int) -> dict:
         "kiln.head_dim": spec.head_dim,
         "kiln.sm_scale": spec.sm_scale,
         "kiln.causal": 1,
-        "kiln.sliding_window": spec.sliding_window or -1,
+        "kiln.sliding_window": layer_window(spec, layer_id),
         "kiln.rope": "normal",
         "kiln.rope_theta": float(r.theta),
         "kiln.rope_type": r.type,
@@ -91,7 +98,7 @@ def build_attention_function(bb: relax.BlockBuilder, spec: ModelSpec, layer_id: 
                 kh = bb.emit(relax.op.astype(kh, "float32"))
                 vh = bb.emit(relax.op.astype(vh, "float32"))
             scores = bb.emit(relax.op.multiply(relax.op.matmul(qh, kh), relax.const(spec.sm_scale, "float32")))
-            scores = bb.emit_te(_causal_mask_te, scores, spec.sliding_window or -1,
+            scores = bb.emit_te(_causal_mask_te, scores, layer_window(spec, layer_id),
                                 primfunc_name_hint="causal_mask")
             probs = bb.emit(relax.op.nn.softmax(scores, axis=-1))
             o = bb.emit(relax.op.matmul(probs, vh))  # [hq, s, d]

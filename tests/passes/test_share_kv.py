@@ -1,0 +1,81 @@
+"""kiln.passes.share_kv: the reference form of a MixAttention model against the PyTorch reference.
+
+The Character.AI 13-layer map (1 global KV owner, 4 sliding owners; window 64 for testing) on a small
+random-weight model: the reference form is built for every layer owning its KV, share_kv rewires the
+sharing layers, and the compiled ``forward`` must give the logits of tests/mixattention_reference.py over
+300 tokens (well past the window) and the same greedy tokens. The sharing layers' K/V parameters leave the
+params tuple; a map the pass cannot apply is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import mixattention_reference as ref
+from kiln.errors import PassError
+from kiln.frontend.reference import build_reference, param_shapes
+from kiln.ir.spec import ModelSpec
+from kiln.ir.tvm import Target, relax, tvm
+from kiln.passes.share_kv import share_kv
+
+pytestmark = pytest.mark.cpu
+
+TYPES = ("global", *["sliding"] * 5, "global", *["sliding"] * 5, "global")
+SOURCES = (0, 1, 1, 3, 3, 3, 0, 7, 7, 9, 9, 9, 0)
+SPEC = ModelSpec("MixAttention", vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=13,
+                 num_q_heads=4, num_kv_heads=1, head_dim=16, rms_norm_eps=1e-6, context_len=512,
+                 sliding_window=64, layer_types=TYPES, kv_sources=SOURCES)
+
+
+def owners_only(spec):
+    return dataclasses.replace(spec, kv_sources=())
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    layout = {n: (s, "float32") for n, s in param_shapes(SPEC).items()}
+    mod, new_layout = share_kv(build_reference(owners_only(SPEC)), layout, SOURCES)
+    target = Target({"kind": "llvm"})
+    ex = tvm.compile(mod, target=target, relax_pipeline=relax.backend.cpu_generic.get_default_pipeline(target))
+    return mod, new_layout, relax.VirtualMachine(ex, tvm.cpu())
+
+
+def run(vm, layout, weights, ids):
+    ps = [tvm.runtime.tensor(weights[n].numpy(), tvm.cpu()) for n in layout]
+    return vm["forward"](tvm.runtime.tensor(np.asarray(ids, dtype="int32"), tvm.cpu()), ps).numpy()
+
+
+def test_sharing_layers_lose_their_kv_parameters(compiled):
+    mod, layout, _ = compiled
+    assert set(layout) == set(ref.weight_shapes(SPEC))
+    assert "layers.2.k_proj" not in layout and "layers.6.v_proj" not in layout and "layers.1.k_proj" in layout
+    srcs = {int(f.attrs["kiln.layer_id"]): int(f.attrs["kiln.kv_source"])
+            for _, f in mod.functions_items() if isinstance(f, relax.Function) and "kiln.kv_source" in f.attrs}
+    assert srcs == {i: s for i, s in enumerate(SOURCES) if s != i}
+
+
+def test_forward_is_the_mixattention_reference_over_300_tokens(compiled, one_torch_thread):
+    _, layout, vm = compiled
+    w = ref.random_weights(SPEC, seed=3, std=0.2)
+    ids = torch.randint(3, 97, (300,), generator=torch.Generator().manual_seed(0)).tolist()
+    want = ref.forward(SPEC, w, ids).numpy()
+    got = run(vm, layout, w, ids)
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    # the windows and the sharing matter: without them the late logits differ
+    plain = ref.forward(owners_only(dataclasses.replace(SPEC, layer_types=("global",) * 13, sliding_window=None)),
+                        {**w, **ref.random_weights(owners_only(SPEC), seed=3, std=0.2)}, ids).numpy()
+    assert np.abs(plain[100:] - want[100:]).max() > 1e-2
+
+
+def test_maps_the_pass_cannot_apply_are_refused():
+    layout = {n: (s, "float32") for n, s in param_shapes(owners_only(SPEC)).items()}
+    mod = build_reference(owners_only(SPEC))
+    with pytest.raises(PassError, match="cannot take its KV from layer 2"):
+        share_kv(mod, layout, (0, 1, 1, 2) + tuple(range(4, 13)))  # layer 2 shares itself: not an owner
+    with pytest.raises(PassError, match="different windows"):
+        share_kv(mod, layout, (0, 0) + tuple(range(2, 13)))
