@@ -123,6 +123,10 @@ class _Analysis:
                 if int(_attr(fn, "kiln.sliding_window")) > 0:
                     raise PassError(f"paged_attention: {v.op.name_hint} has a sliding window; sliding-window "
                                     "attention is not supported by this pass yet")
+                if "kiln.kv_source" in fn.attrs:
+                    raise PassError(f"paged_attention: {v.op.name_hint} attends to layer "
+                                    f"{int(fn.attrs['kiln.kv_source'])}'s KV (share_kv); cross-layer KV sharing is "
+                                    "not lowered to the paged cache yet")
                 if str(_attr(fn, "kiln.rope")) != "normal":
                     raise PassError(f"paged_attention: {v.op.name_hint} uses RoPE {_attr(fn, 'kiln.rope')!r}; "
                                     "only rotate-half ('normal') RoPE is supported")

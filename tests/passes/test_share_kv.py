@@ -79,3 +79,15 @@ def test_maps_the_pass_cannot_apply_are_refused():
         share_kv(mod, layout, (0, 1, 1, 2) + tuple(range(4, 13)))  # layer 2 shares itself: not an owner
     with pytest.raises(PassError, match="different windows"):
         share_kv(mod, layout, (0, 0) + tuple(range(2, 13)))
+
+
+def test_the_paged_lowering_refuses_shared_kv_for_now(compiled):
+    from kiln.codegen.targets import resolve_target
+    from kiln.passes.paged_attention import lower_paged_attention
+
+    mod, _, _ = compiled
+    no_windows = dataclasses.replace(SPEC, layer_types=("global",) * 13, sliding_window=None)
+    layout = {n: (s, "float32") for n, s in param_shapes(owners_only(no_windows)).items()}
+    shared, _ = share_kv(build_reference(owners_only(no_windows)), layout, (0, 0) + tuple(range(2, 13)))
+    with pytest.raises(PassError, match="attends to layer 0's KV"):
+        lower_paged_attention(shared, resolve_target("cpu").tvm_target())
