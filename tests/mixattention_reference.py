@@ -6,7 +6,7 @@ A Llama-family decoder whose layers each have an attention type (``spec.layer_ty
 (``spec.kv_sources``): an owner computes K and V from its own input; a sharing layer computes only its
 queries and attends to its source layer's K and V of the same forward (RoPE already applied) — it has
 no k_proj/v_proj weights. Weights use kiln's parameter names (frontend/reference.py ``param_shapes``
-minus the sharing layers' k/v). Everything is float64-free plain float32 on the CPU, full recompute: no
+minus the sharing layers' k/v). Everything is plain float32 on the CPU with full recompute: no
 cache, so it is the definition, not an implementation.
 """
 
