@@ -145,6 +145,8 @@ class ModelSpec:
         return self.head_dim ** -0.5
 
     def replace(self, **changes: Any) -> "ModelSpec":
+        if "sliding_window" in changes and "layer_types" not in changes and len(set(self.layer_types)) == 1:
+            changes["layer_types"] = ()  # uniform layers follow the window again: all sliding, or all global
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> dict[str, Any]:
