@@ -138,6 +138,7 @@ def import_graph(path: str | Path, tokenizer_dir: str | Path, dtype: str | None 
     from ..ir.spec import ModelSpec
     from ..passes.recognize_model import recognize_model
     from .hf import _rope, tokenizer_files
+    from .torch_export import short_error
 
     path, tokenizer_dir = Path(path), Path(tokenizer_dir)
     if not tokenizer_dir.is_dir():
@@ -162,11 +163,17 @@ def import_graph(path: str | Path, tokenizer_dir: str | Path, dtype: str | None 
         dump_dir.mkdir(parents=True, exist_ok=True)
         (dump_dir / "r0-imported.py").write_text(mod.script())
     mask_len = min(ctx, MASK_LEN_MAX)
-    for i, (name, step) in enumerate(recognition_steps(weights, mask_len, rope_hint), start=1):
-        mod = step(mod)
+    steps = [*recognition_steps(weights, mask_len, rope_hint), ("recognize_model", recognize_model)]
+    for i, (name, step) in enumerate(steps, start=1):
+        try:
+            mod = step(mod)
+        except KilnError:
+            raise
+        except Exception as e:  # TVM rejecting what a pass built from this graph: a graph kiln cannot take
+            raise UnsupportedModelError(f"{path}: {name} failed on this graph ({short_error(e)})") from None
         if dump_dir is not None:
-            (dump_dir / f"r{i}-{name}.py").write_text(mod.script())
-    rec = recognize_model(mod)
+            (dump_dir / f"r{i}-{name}.py").write_text((mod.mod if name == "recognize_model" else mod).script())
+    rec = mod
     fields = dict(rec.spec)
     if dtype is not None and dtype != fields["dtype"]:
         raise UnsupportedModelError(f"{path}: the graph computes in {fields['dtype']}; --dtype {dtype} needs a graph "
@@ -181,9 +188,6 @@ def import_graph(path: str | Path, tokenizer_dir: str | Path, dtype: str | None 
         t = torch.from_numpy(np.array(a, order="C"))  # a copy: the importers' arrays may be read-only views
         params[name] = t.to(torch.bfloat16) if spec.dtype == "bfloat16" else t
         layout[name] = (tuple(a.shape), spec.dtype)
-    if dump_dir is not None:
-        (dump_dir / f"r{len(recognition_steps(weights, mask_len, rope_hint)) + 1}-recognize_model.py").write_text(
-            rec.mod.script())
     return ImportedModel(spec, rec.mod, layout, params, toks)
 
 

@@ -177,6 +177,18 @@ def with_entry(mod, func: relax.Function):
     return out
 
 
+def rewrite_matches(mod, match, emit):
+    """``mod`` with every binding of ``main`` for which ``match(g, var)`` finds something bound to
+    ``emit(found, m)`` instead (``m`` maps an old var to its new one); ``mod`` itself if nothing matched."""
+    g = GraphView(mod[ENTRY])
+    replace = {}
+    for b in g.bindings:
+        found = match(g, b.var)
+        if found is not None:
+            replace[b.var] = lambda bb, m, found=found: emit(found, m)
+    return with_entry(mod, rebuild(g.func, replace)) if replace else mod
+
+
 def substitute(e, remap: dict):
     """``e`` with every var in ``remap`` replaced (Calls, Tuples, TupleGetItems; the imported form's values)."""
     if isinstance(e, relax.Var):

@@ -16,7 +16,7 @@ untouched, and the dead pieces of each matched norm are removed.
 from __future__ import annotations
 
 from ..ir.tvm import IRModule, relax
-from .graph_view import ENTRY, GraphView, int_dims, op_name, rebuild, scalar_const, shape_of, with_entry
+from .graph_view import GraphView, int_dims, op_name, rewrite_matches, scalar_const, shape_of
 
 
 def _strip_astype(g: GraphView, e):
@@ -92,13 +92,5 @@ def match_rms_norm(g: GraphView, var) -> tuple | None:
 
 
 def recognize_rms_norm(mod: IRModule) -> IRModule:
-    g = GraphView(mod[ENTRY])
-    replace = {}
-    for b in g.bindings:
-        found = match_rms_norm(g, b.var)
-        if found is not None:
-            x, w, eps = found
-            replace[b.var] = lambda bb, m, x=x, w=w, eps=eps: relax.op.nn.rms_norm(m(x), m(w), axes=[-1], epsilon=eps)
-    if not replace:
-        return mod
-    return with_entry(mod, rebuild(g.func, replace))
+    return rewrite_matches(mod, match_rms_norm, lambda found, m: relax.op.nn.rms_norm(
+        m(found[0]), m(found[1]), axes=[-1], epsilon=found[2]))

@@ -9,7 +9,7 @@ Invariant: the function computes the same values; nothing else changes.
 from __future__ import annotations
 
 from ..ir.tvm import IRModule, relax
-from .graph_view import ENTRY, GraphView, op_name, rebuild, with_entry
+from .graph_view import GraphView, op_name, rewrite_matches
 
 
 def match_silu(g: GraphView, var):
@@ -24,10 +24,4 @@ def match_silu(g: GraphView, var):
 
 
 def recognize_swiglu(mod: IRModule) -> IRModule:
-    g = GraphView(mod[ENTRY])
-    replace = {}
-    for b in g.bindings:
-        x = match_silu(g, b.var)
-        if x is not None:
-            replace[b.var] = lambda bb, m, x=x: relax.op.nn.silu(m(x))
-    return with_entry(mod, rebuild(g.func, replace)) if replace else mod
+    return rewrite_matches(mod, match_silu, lambda x, m: relax.op.nn.silu(m(x)))

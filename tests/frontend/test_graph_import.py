@@ -92,6 +92,17 @@ def test_spec_and_parameter_names_read_off_the_graph(variant, fmt, zoo, compiled
     assert manifest["options"]["source_format"] == {"pt2": "torch.export", "onnx": "onnx"}[fmt]
 
 
+@pytest.mark.parametrize("variant", ["llama3-tied", "llama-linear", "mistral", "qwen3"])
+def test_more_architectures_from_onnx(variant, zoo, tmp_path, one_torch_thread):
+    """llama3 RoPE scaling (parameters checked against the config beside the tokenizer), linear scaling, Mistral
+    (its 4096 window longer than the context: global) and Qwen3's q/k norm, each from an ONNX export."""
+    model_dir, hf = zoo.hf(variant)
+    compile_model(zoo.graph(variant, "onnx"), tmp_path / "art", CompileConfig(tokenizer=model_dir, dtype="float32"))
+    prompt = [5, 6, 7, 11, 13, 17, 19]
+    [res] = LLM(tmp_path / "art").generate([prompt], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
+    assert res.token_ids == hf_greedy(hf, prompt, 16)
+
+
 def test_quantized_graph_compile(zoo, tmp_path):
     """--quant applies to a recognised graph as to a checkpoint: the same linears, the same names."""
     model_dir, _ = zoo.hf("llama")
@@ -218,6 +229,21 @@ def test_tokenizer_option_on_a_checkpoint_is_a_user_error(zoo, tmp_path):
     model_dir, _ = zoo.hf("llama")
     r = _cli("compile", model_dir, "--tokenizer", model_dir, "-o", tmp_path / "a")
     assert r.exit_code == 1 and "--tokenizer is for .pt2/.onnx graphs" in r.output
+
+
+def test_an_internal_failure_during_recognition_is_a_one_line_error(zoo, tmp_path, monkeypatch):
+    """Whatever TVM raises on a graph kiln half-recognised reaches the user as one line naming the step."""
+    import kiln.frontend.graph as graph
+
+    def broken(mod):
+        raise RuntimeError("Traceback (most recent call last):\n  File \"/project/src/relax/ir/block_builder.cc\", "
+                           "line 1\nInternalError: Check failed: something TVM did not like")
+
+    monkeypatch.setattr(graph, "recognition_steps", lambda *a: [("recognize_rms_norm", broken)])
+    model_dir, _ = zoo.hf("llama")
+    r = _cli("compile", zoo.graph("llama", "onnx"), "--tokenizer", model_dir, "-o", tmp_path / "a")
+    assert r.exit_code == 1 and "recognize_rms_norm failed on this graph" in r.output
+    assert "something TVM did not like" in r.output and "Traceback" not in r.output and "block_builder" not in r.output
 
 
 def test_graph_errors_name_the_file(zoo, tmp_path):
