@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ..errors import PassError
 from ..ir.tvm import IRModule, PyExprMutator, mutator, relax
-from .quantize import _emit_linear
+from .quantize import emit_quantized_linear
 
 KERNEL_KINDS = {"dequant_matmul": "weight_only", "w4a8_matmul": "w4a8", "w8a8_matmul": "w8a8"}
 
@@ -227,7 +227,7 @@ def emit_linear(bb, lin: Linear, x, name: str, bias: str | None, param, group: i
         prefix = name + "."
         parts = {p: param(prefix + p) for p in ("qweight", "scales", "zeros", "group_scales", "channel_scales")
                  if param.has(prefix + p)}
-        y = _emit_linear(bb, lin.kind, x, parts, group, lin.dtype, {}, name.replace(".", "_"))
+        y = emit_quantized_linear(bb, lin.kind, x, parts, group, lin.dtype, {}, name.replace(".", "_"))
     return bb.emit(relax.op.add(y, param(bias))) if bias else y
 
 

@@ -102,7 +102,7 @@ def quantize_linears(mod: IRModule, layout: dict[str, tuple[tuple[int, ...], str
                 elif _is_op(v, "relax.matmul") and v.args[1] in transposed:
                     name = transposed[v.args[1]]
                     x = rw.visit_expr(v.args[0])
-                    new = _emit_linear(bb, kind, x, parts[name], group, str(b.var.ty.dtype), act_quant, b.var.name)
+                    new = emit_quantized_linear(bb, kind, x, parts[name], group, str(b.var.ty.dtype), act_quant, b.var.name)
                     rewritten += 1
                 else:
                     new = bb.emit(rw.visit_expr(v), name_hint=b.var.name)
@@ -139,7 +139,10 @@ def _is_op(v, name: str) -> bool:
     return isinstance(v, relax.Call) and getattr(v.op, "name", None) == name
 
 
-def _emit_linear(bb, kind, x, p, group, out_dtype, act_quant, hint):
+def emit_quantized_linear(bb, kind, x, p, group, out_dtype, act_quant, hint):
+    """Emit ``x @ W^T`` on W's packed tensors ``p`` (by part name) with the ``kind``'s kernel; for w4a8/w8a8 the
+    per-token int8 quantization of ``x`` is emitted once per input and kept in ``act_quant``. Shared with the
+    fusion passes (linears.py), which re-emit merged linears."""
     if kind == "weight_only":
         return bb.emit_te(qk.weight_only_matmul, x, p["qweight"], p["scales"], p["zeros"], group=group,
                           out_dtype=out_dtype, primfunc_name_hint="dequant_matmul", name_hint=hint)
