@@ -112,11 +112,12 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
         layout, params, mod = _quantize(imported, scheme, calib)
     lap("import")
     progress("running passes")
-    fusion = Fusion(layout, scheme.group_size if scheme else None) if config.fuse else None
-    mod = run_pipeline(mod, build_pipeline(target, config.keep_reference, fusion), config.dump_ir)
-    if fusion is not None:  # the fusion passes merged weights: make them, in the new layout
-        layout = fusion.layout
-        params = apply_merges(params, layout, fusion.merges) if params is not None else None
+    fusion = Fusion(layout, scheme.group_size if scheme else None)
+    mod = run_pipeline(mod, build_pipeline(target, config.keep_reference, fusion, config.fuse, spec.kv_sources),
+                       config.dump_ir)
+    # the fusion passes merged weights and share_kv dropped some: make them, in the new layout
+    layout = fusion.layout
+    params = apply_merges(params, layout, fusion.merges) if params is not None else None
     lap("passes")
     progress(f"building for {target.name}{' ' + target.arch if target.arch else ''}")
     ex = build(mod, target)

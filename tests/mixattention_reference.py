@@ -97,3 +97,35 @@ def greedy(spec: ModelSpec, w: dict[str, torch.Tensor], prompt: list[int], num_t
     for _ in range(num_tokens):
         tokens.append(int(forward(spec, w, tokens)[-1].argmax()))
     return tokens[len(prompt):]
+
+
+def save_checkpoint(spec: ModelSpec, w: dict[str, torch.Tensor], path) -> None:
+    """A Hugging Face-layout Llama checkpoint of a MixAttention model trained that way: config.json with
+    ``layer_types`` / ``sliding_window`` and kiln's ``kv_sources``, safetensors without the sharing layers'
+    K/V projections."""
+    import json
+    import re
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from kiln.frontend.registry import LLAMA_WEIGHTS
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, t in w.items():
+        m = re.match(r"layers\.(\d+)\.(.*)", name)
+        hf = LLAMA_WEIGHTS[f"layers.{{i}}.{m.group(2)}"].replace("{i}", m.group(1)) if m else LLAMA_WEIGHTS[name]
+        tensors[hf] = t.contiguous()
+    save_file(tensors, str(path / "model.safetensors"))
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": spec.vocab_size,
+              "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
+              "num_hidden_layers": spec.num_layers, "num_attention_heads": spec.num_q_heads,
+              "num_key_value_heads": spec.num_kv_heads, "head_dim": spec.head_dim, "rms_norm_eps": spec.rms_norm_eps,
+              "max_position_embeddings": spec.context_len, "rope_theta": spec.rope.theta, "torch_dtype": "float32",
+              "tie_word_embeddings": spec.tie_word_embeddings, "bos_token_id": 1, "eos_token_id": 2,
+              "sliding_window": spec.sliding_window,
+              "layer_types": [{"global": "full_attention", "sliding": "sliding_attention"}[t] for t in spec.layer_types],
+              "kv_sources": list(spec.kv_sources)}
+    (path / "config.json").write_text(json.dumps(config, indent=1))

@@ -120,7 +120,7 @@ def latency_at_batch(engine, bench: BenchConfig, batch: int, seed: int) -> dict:
 
     engine.clear_prefix_cache()
     # room to keep decoding whatever the prefill's chunking did: the requests are aborted after the timed steps
-    room = min(engine.spec.context_len, engine.kv.config.num_pages * engine.kv.config.page_size) - bench.input_len
+    room = engine.kv.max_sequence_tokens(engine.spec.context_len) - bench.input_len
     if room < 1 + bench.output_len:
         raise KilnError(f"the KV cache holds {bench.input_len + room} tokens, fewer than --input-len "
                         f"{bench.input_len} + 1 + --output-len {bench.output_len}; raise --kv-cache-memory")

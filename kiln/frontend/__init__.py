@@ -29,7 +29,7 @@ def import_hf(model_dir: str | Path, dtype: str | None = None, context_len: int 
     ``with_weights=False`` reads config.json alone: the parameter layout comes from the ModelSpec and
     no weight file is opened (a model shape can be compiled without its weights)."""
     from .hf import load_spec, load_weights, prequantized, tokenizer_files
-    from .reference import build_reference, param_shapes
+    from .reference import build_reference, param_shapes, shared_kv_params
 
     model_dir = Path(model_dir)
     spec = load_spec(model_dir, dtype=dtype, context_len=context_len)
@@ -39,9 +39,16 @@ def import_hf(model_dir: str | Path, dtype: str | None = None, context_len: int 
     layout = {name: (shape, spec.dtype) for name, shape in shapes.items()}
     params = None
     if with_weights:
-        loaded = load_weights(model_dir, spec, shapes, pre)
+        import torch
+
+        # layers that share another layer's KV have no K/V weights to read (share_kv drops the placeholders)
+        unused = shared_kv_params(spec)
+        loaded = load_weights(model_dir, spec, {k: s for k, s in shapes.items() if k not in unused}, pre)
         params = {}
         for k in shapes:
+            if k in unused:
+                params[k] = torch.zeros(shapes[k], dtype=getattr(torch, spec.dtype))
+                continue
             stored = [k] if k in loaded else [f"{k}.{suffix}" for suffix in pre.suffixes]
             params.update({name: loaded[name] for name in stored})
     return ImportedModel(spec, build_reference(spec), layout, params, toks, pre)

@@ -10,7 +10,6 @@ Parameters are a packed tuple in ``param_shapes(spec)`` order, weights stay para
 
 from __future__ import annotations
 
-from ..errors import UnsupportedModelError
 from ..ir.abi import REFERENCE_ENTRY
 from ..ir.attention import build_attention_function
 from ..ir.spec import ModelSpec
@@ -41,12 +40,19 @@ def param_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+KV_PARAMS = ("k_proj", "v_proj", "k_bias", "v_bias", "k_norm")  # a layer's parameters that make its K/V
+
+
+def shared_kv_params(spec: ModelSpec) -> set[str]:
+    """The K/V parameters of layers that read another layer's KV (``spec.kv_sources``): the reference
+    form has them, passes/share_kv.py removes them, a checkpoint trained that way lacks them."""
+    return {f"layers.{i}.{p}" for i, src in enumerate(spec.kv_sources) if src != i for p in KV_PARAMS}
+
+
 def build_reference(spec: ModelSpec) -> IRModule:
-    """Every layer owns its KV here (``spec.kv_sources`` is passes/share_kv.py's to apply); each layer's
-    attention has its own window (``spec.layer_types``)."""
-    if any(src != i for i, src in enumerate(spec.kv_sources)):
-        raise UnsupportedModelError("cross-layer KV sharing (kv_sources) is not compiled yet: the paged lowering "
-                                    "and a per-group KV cache for passes/share_kv.py's form are still to come")
+    """Every layer owns its KV here: a model with cross-layer KV sharing (``spec.kv_sources``) is this
+    form followed by passes/share_kv.py, which the compile pipeline applies. Each layer's attention has
+    its own window (``spec.layer_types``)."""
     shapes = param_shapes(spec)
     names = list(shapes)
     dt, H, d, eps = spec.dtype, spec.hidden_size, spec.head_dim, spec.rms_norm_eps

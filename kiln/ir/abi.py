@@ -35,5 +35,27 @@ ENTRY_POINTS: dict[str, EntryPoint] = {
     )
 }
 
+# kiln's own paged KV cache (passes/paged_groups.py, runtime/kv_groups.py): models whose layers differ in
+# KV lifetime (sliding windows, cross-layer sharing). One entry point serves prefill and decode alike;
+# the KV state is a block pool plus the page tables and slots of the step (ir/paged_kernels.py).
+GROUPED_PAGE_SIZE = 16  # tokens per block, compiled into the kernels
+GROUPED_ENTRY_POINTS: dict[str, EntryPoint] = {
+    e.name: e
+    for e in (
+        EntryPoint("embed", ("input_ids: [n] int32", "params"), "[n, H]", 1),
+        EntryPoint("batch_prefill", ("input_embeds: [1, n, H]", "logit_positions: [b] int32",
+                                     "kv_pool: [blocks, 2, kv_heads, P, head_dim]",
+                                     "kv_pages: [owners, b, max_pages] int32", "kv_slots: [owners, n] int32",
+                                     "token_seq: [n] int32", "token_pos: [n] int32", "params"),
+                   "(logits [1, b, V], kv_pool)", 7),
+    )
+}
+
+
+def entry_points(grouped: bool) -> dict[str, EntryPoint]:
+    """The serving ABI of an artifact: TVM's paged cache, or kiln's grouped one."""
+    return GROUPED_ENTRY_POINTS if grouped else ENTRY_POINTS
+
+
 # The reference form's single entry point, before the paged-attention pass.
 REFERENCE_ENTRY = EntryPoint("forward", ("input_ids: [n] int32", "params"), "logits [n, V]", 1)

@@ -14,7 +14,7 @@ RoPE, append and attention in one kernel. Softmax is computed in float32 whateve
 
 from __future__ import annotations
 
-from .spec import ModelSpec
+from .spec import ModelSpec, RopeSpec
 from .tvm import relax, te, tirx
 
 OP_ATTR = "kiln.op"
@@ -49,12 +49,13 @@ def attention_attrs(spec: ModelSpec, layer_id: int) -> dict:
     }
 
 
-def _rope_te(x: te.Tensor, inv_freq: te.Tensor, head_dim: int):
+def rope_te(x: te.Tensor, inv_freq: te.Tensor, head_dim: int, positions: te.Tensor | None = None):
+    """Rotate-half RoPE of ``x[t, h, d]`` at position ``positions[t]`` (default ``t``), in float32."""
     half = head_dim // 2
 
     def f(t, h, d):
         pair = tirx.floormod(d, half)
-        angle = t.astype("float32") * inv_freq[pair]
+        angle = (t if positions is None else positions[t]).astype("float32") * inv_freq[pair]
         xf = x[t, h, d].astype("float32")
         rot = tirx.Select(d < half, -x[t, h, d + half].astype("float32"), x[t, h, d - half].astype("float32"))
         return (xf * tirx.cos(angle) + rot * tirx.sin(angle)).astype(x.dtype)
@@ -74,6 +75,15 @@ def _causal_mask_te(scores: te.Tensor, window: int):
     return te.compute(scores.shape, f, name="causal_mask")
 
 
+def rope_spec_of(func) -> RopeSpec:
+    """The RoPE an attention composite applies, read back from its ``kiln.rope_*`` attributes."""
+    a = func.attrs
+    return RopeSpec(theta=float(a["kiln.rope_theta"]), type=str(a["kiln.rope_type"]), factor=float(a["kiln.rope_factor"]),
+                    low_freq_factor=float(a["kiln.rope_low_freq_factor"]),
+                    high_freq_factor=float(a["kiln.rope_high_freq_factor"]),
+                    original_max_position_embeddings=int(a["kiln.rope_original_max_position_embeddings"]))
+
+
 def build_attention_function(bb: relax.BlockBuilder, spec: ModelSpec, layer_id: int) -> relax.GlobalVar:
     """Add ``attention_L{layer_id}`` to the module being built by ``bb`` and return its GlobalVar."""
     hq, hkv, d, dt = spec.num_q_heads, spec.num_kv_heads, spec.head_dim, spec.dtype
@@ -85,8 +95,8 @@ def build_attention_function(bb: relax.BlockBuilder, spec: ModelSpec, layer_id: 
     name = f"attention_L{layer_id}"
     with bb.function(name, [q, k, v], attrs=attention_attrs(spec, layer_id), private=True):
         with bb.dataflow():
-            qr = bb.emit_te(_rope_te, q, inv_freq, d, primfunc_name_hint="rope")
-            kr = bb.emit_te(_rope_te, k, inv_freq, d, primfunc_name_hint="rope")
+            qr = bb.emit_te(rope_te, q, inv_freq, d, primfunc_name_hint="rope")
+            kr = bb.emit_te(rope_te, k, inv_freq, d, primfunc_name_hint="rope")
             qh = bb.emit(relax.op.permute_dims(qr, [1, 0, 2]))  # [hq, s, d]
             kh = bb.emit(relax.op.permute_dims(kr, [1, 2, 0]))  # [hkv, d, s]
             vh = bb.emit(relax.op.permute_dims(v, [1, 0, 2]))  # [hkv, s, d]

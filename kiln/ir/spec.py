@@ -115,6 +115,12 @@ class ModelSpec:
         return 4 if self.dtype == "float32" else 2
 
     @property
+    def grouped_kv(self) -> bool:
+        """Whether the layers keep KV differently (a sliding window, or shared KV): such a model is served
+        by kiln's grouped KV cache (passes/paged_groups.py, runtime/kv_groups.py), not TVM's."""
+        return "sliding" in self.layer_types or any(src != i for i, src in enumerate(self.kv_sources))
+
+    @property
     def kv_owners(self) -> dict[str, tuple[int, ...]]:
         """The layers that store K/V (their own), per attention type: {"global": (...), "sliding": (...)}."""
         out: dict[str, list[int]] = {t: [] for t in LAYER_TYPES}

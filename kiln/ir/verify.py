@@ -1,14 +1,14 @@
 """IR invariants checked at pass boundaries (pipeline.py runs them after every pass).
 
 - reference form: well-formed; ``forward`` exists and calls at least one attention composite.
-- serving form: well-formed; every ABI entry point exists with its ``num_input``; no serving
+- serving form: well-formed; every ABI entry point (of TVM's paged cache, or of kiln's grouped one) exists with its ``num_input``; no serving
   entry point calls a reference attention composite any more.
 """
 
 from __future__ import annotations
 
 from ..errors import PassError
-from .abi import ENTRY_POINTS, REFERENCE_ENTRY
+from .abi import ENTRY_POINTS, GROUPED_ENTRY_POINTS, REFERENCE_ENTRY
 from .attention import is_attention
 from .tvm import IRModule, relax
 
@@ -41,7 +41,9 @@ def verify_reference(mod: IRModule) -> None:
 def verify_serving(mod: IRModule) -> None:
     _well_formed(mod, "in serving form")
     names = {gv.name_hint: gv for gv in mod.get_global_vars()}
-    for name, entry in ENTRY_POINTS.items():
+    # TVM's paged cache comes with its constructor; kiln's grouped cache is made by the runtime
+    abi = ENTRY_POINTS if "create_paged_kv_cache" in names else GROUPED_ENTRY_POINTS
+    for name, entry in abi.items():
         if name not in names:
             raise PassError(f"serving form lacks the entry point {name!r}")
         f = mod[names[name]]

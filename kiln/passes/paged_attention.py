@@ -56,12 +56,15 @@ class _Attention:
     num_kv_heads: int
     head_dim: int
     sm_scale: float
+    window: int = -1  # sliding window (-1: global)
+    kv_source: int | None = None  # share_kv: the layer whose K/V this one reads
 
 
 class _Analysis:
     """Locates the pieces of the reference form the rewrite needs; raises PassError if one is missing."""
 
-    def __init__(self, mod: IRModule):
+    def __init__(self, mod: IRModule, grouped: bool = False):
+        self.grouped = grouped  # kiln's grouped cache (paged_groups.py) takes sliding windows and shared KV
         gvs = {gv.name_hint: gv for gv in mod.get_global_vars()}
         if REFERENCE_ENTRY.name not in gvs:
             raise PassError(f"paged_attention: no '{REFERENCE_ENTRY.name}' function (the reference form's entry)")
@@ -120,19 +123,21 @@ class _Analysis:
                 fn = self.mod[v.op]
                 if int(_attr(fn, "kiln.causal")) != 1:
                     raise PassError(f"paged_attention: {v.op.name_hint} is not causal; only causal attention is paged")
-                if int(_attr(fn, "kiln.sliding_window")) > 0:
-                    raise PassError(f"paged_attention: {v.op.name_hint} has a sliding window; sliding-window "
-                                    "attention is not supported by this pass yet")
-                if "kiln.kv_source" in fn.attrs:
-                    raise PassError(f"paged_attention: {v.op.name_hint} attends to layer "
-                                    f"{int(fn.attrs['kiln.kv_source'])}'s KV (share_kv); cross-layer KV sharing is "
-                                    "not lowered to the paged cache yet")
+                window = int(_attr(fn, "kiln.sliding_window"))
+                source = int(fn.attrs["kiln.kv_source"]) if "kiln.kv_source" in fn.attrs else None
+                if window > 0 and not self.grouped:
+                    raise PassError(f"paged_attention: {v.op.name_hint} has a sliding window; TVM's paged cache "
+                                    "evicts whole pages for all layers at once (tools/spikes/tvm_sliding_cache.py), "
+                                    "so sliding windows are lowered by paged_groups to kiln's grouped cache")
+                if source is not None and not self.grouped:
+                    raise PassError(f"paged_attention: {v.op.name_hint} attends to layer {source}'s KV (share_kv); "
+                                    "shared KV is lowered by paged_groups to kiln's grouped cache")
                 if str(_attr(fn, "kiln.rope")) != "normal":
                     raise PassError(f"paged_attention: {v.op.name_hint} uses RoPE {_attr(fn, 'kiln.rope')!r}; "
                                     "only rotate-half ('normal') RoPE is supported")
                 found.append(_Attention(b.var, int(_attr(fn, "kiln.layer_id")), int(_attr(fn, "kiln.num_q_heads")),
                                         int(_attr(fn, "kiln.num_kv_heads")), int(_attr(fn, "kiln.head_dim")),
-                                        float(_attr(fn, "kiln.sm_scale"))))
+                                        float(_attr(fn, "kiln.sm_scale")), window, source))
                 self._check_operands(v, found[-1])
                 self.rope_fn = fn
         if not found:
@@ -221,7 +226,30 @@ class _Cloner(PyExprMutator):
 
 
 def _serving_function(cl: _Cloner, an: _Analysis, name: str) -> None:
-    entry = ENTRY_POINTS[name]
+    """One entry point on TVM's paged cache: every attention becomes the fused-qkv builtin on ``kv``."""
+    kv = relax.Var("paged_kv_cache", relax.AnyType())
+    bb = cl.bb
+
+    def attend(c, b, a, n, values):
+        fused = _fused_qkv(values, b.value.args)
+        if fused is not None:  # q, k, v are slices of one projection (passes/fuse_qkv.py): no concat
+            qkv = bb.emit(relax.op.reshape(c.visit_expr(fused), [n, a.num_q_heads + 2 * a.num_kv_heads, a.head_dim]),
+                          name_hint=f"qkv{a.layer_id}")
+        else:
+            q, k, v = [c.visit_expr(x) for x in b.value.args]
+            qkv = bb.emit(relax.op.concat([q, k, v], axis=1), name_hint=f"qkv{a.layer_id}")  # [n, hq + 2 hkv, d]
+        return bb.emit(relax.call_dps_packed(
+            KV_ATTENTION_BUILTIN, [kv, relax.prim_value(a.layer_id), relax.prim_value(a.sm_scale), qkv],
+            out_ty=relax.TensorType([n, a.num_q_heads, a.head_dim], an.dtype)), name_hint=f"attn{a.layer_id}")
+
+    emit_serving_function(cl, an, name, ENTRY_POINTS[name], lambda n: [kv], attend, lambda: kv)
+
+
+def emit_serving_function(cl: _Cloner, an: _Analysis, name: str, entry, state_inputs, attend, state) -> None:
+    """Copy ``forward`` into entry point ``name``: the embedding becomes an input, every attention
+    binding ``attend(cloner, binding, _Attention, n, values)``, the prefills gather the wanted rows as
+    early as the token-wise tail allows; ``state_inputs(n)`` (the KV state, ``n`` the step's token count)
+    come between the step inputs and the params, and ``state()`` is returned next to the logits."""
     H, V_shape = an.hidden, an.ref.ret_ty.shape
     vocab = V_shape[1]
     if name == "decode":
@@ -241,7 +269,6 @@ def _serving_function(cl: _Cloner, an: _Analysis, name: str) -> None:
     emb_shape = [n, 1, H] if name == "batch_decode" else [1, n, H]
     embeds = relax.Var("input_embeds" if name.startswith("batch") else "input_embed",
                        relax.TensorType(emb_shape, an.dtype))
-    kv = relax.Var("paged_kv_cache", relax.AnyType())
     packed = relax.Var("params", an.packed.ty)
     params = [embeds]
     positions = None
@@ -249,7 +276,7 @@ def _serving_function(cl: _Cloner, an: _Analysis, name: str) -> None:
         b = tirx.Var("batch_size", "int64")
         positions = relax.Var("logit_positions", relax.TensorType([b], "int32"))
         params.append(positions)
-    params += [kv, packed]
+    params += [*state_inputs(n), packed]
     assert len(params) == len(entry.inputs)
     bb = cl.bb
 
@@ -259,17 +286,7 @@ def _serving_function(cl: _Cloner, an: _Analysis, name: str) -> None:
     values = {b.var: b.value for b in bindings}
 
     def on_attention(c, b):
-        a = attn_vars[b.var]
-        fused = _fused_qkv(values, b.value.args)
-        if fused is not None:  # q, k, v are slices of one projection (passes/fuse_qkv.py): no concat
-            qkv = bb.emit(relax.op.reshape(c.visit_expr(fused), [n, a.num_q_heads + 2 * a.num_kv_heads, a.head_dim]),
-                          name_hint=f"qkv{a.layer_id}")
-        else:
-            q, k, v = [c.visit_expr(x) for x in b.value.args]
-            qkv = bb.emit(relax.op.concat([q, k, v], axis=1), name_hint=f"qkv{a.layer_id}")  # [n, hq + 2 hkv, d]
-        return bb.emit(relax.call_dps_packed(
-            KV_ATTENTION_BUILTIN, [kv, relax.prim_value(a.layer_id), relax.prim_value(a.sm_scale), qkv],
-            out_ty=relax.TensorType([n, a.num_q_heads, a.head_dim], an.dtype)), name_hint=f"attn{a.layer_id}")
+        return attend(c, b, attn_vars[b.var], n, values)
 
     def on_gather(c, b):
         x = bb.emit(c.visit_expr(b.value), name_hint=b.var.name)
@@ -292,7 +309,7 @@ def _serving_function(cl: _Cloner, an: _Analysis, name: str) -> None:
                     "batch_prefill": [1, positions.ty.shape[0] if positions is not None else 1, vocab],
                     "batch_decode": [n, 1, vocab]}[name]
             logits = bb.emit(relax.op.reshape(logits, rows), name_hint="logits")
-            out = bb.emit_output(relax.Tuple([logits, kv]))
+            out = bb.emit_output(relax.Tuple([logits, state()]))
         bb.emit_func_output(out)
 
 

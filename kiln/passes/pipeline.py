@@ -17,6 +17,8 @@ from .fuse_gate_up import fuse_gate_up
 from .fuse_qkv import fuse_qkv
 from .linears import Layout, Merge
 from .paged_attention import lower_paged_attention
+from .paged_groups import lower_paged_groups, needs_groups
+from .share_kv import share_kv
 
 
 @dataclass(frozen=True)
@@ -45,13 +47,21 @@ class Fusion:
         return run
 
 
-def build_pipeline(target, keep_reference: bool = False, fusion: Fusion | None = None) -> list[Step]:
+def build_pipeline(target, keep_reference: bool = False, fusion: Fusion | None = None, fuse: bool = True,
+                   kv_sources: tuple[int, ...] = ()) -> list[Step]:
+    """``fusion``: the params side (layout and merges) of the passes that change weights; the fusion passes
+    run when it is given and ``fuse``. ``kv_sources``: ModelSpec.kv_sources, applied by share_kv (which
+    drops the sharing layers' K/V weights, so it needs ``fusion`` too)."""
     tt = target.tvm_target()
     steps = [
         # Phase 1: the reference form as imported (frontends promise it; check it).
         Step("verify_reference", lambda m: m, verify_reference),
     ]
-    if fusion is not None:
+    if any(src != i for i, src in enumerate(kv_sources)):
+        assert fusion is not None, "share_kv changes the params layout: pass a Fusion to carry it"
+        steps.append(Step("share_kv", fusion.merging(lambda m, layout, _group: (*share_kv(m, layout, kv_sources), [])),
+                          verify_reference))
+    if fusion is not None and fuse:
         steps += [
             # Phase 1b: fusion in the reference form (fewer, larger kernels; same logits).
             Step("fuse_qkv", fusion.merging(fuse_qkv), verify_reference),
@@ -64,7 +74,9 @@ def build_pipeline(target, keep_reference: bool = False, fusion: Fusion | None =
             steps.append(Step("fuse_add_rms_norm", fuse_add_rms_norm, verify_reference))
     return steps + [
         # Phase 2: serving form. Attention becomes paged-KV-cache calls; entry points appear.
-        Step("lower_paged_attention", lambda m: lower_paged_attention(m, tt, keep_reference), verify_serving),
+        # Layers whose KV lives differently (sliding windows, shared KV) go to kiln's grouped cache.
+        Step("lower_paged_attention", lambda m: (lower_paged_groups if needs_groups(m) else lower_paged_attention)(
+            m, tt, keep_reference), verify_serving),
         # Phase 3: clean-up before codegen takes over (legalization and fusion are the target's).
         Step("dead_code_elimination", lambda m: relax.transform.DeadCodeElimination(_entries(m))(m), verify_serving),
     ]

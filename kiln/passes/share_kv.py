@@ -16,11 +16,10 @@ sharing layers' K/V parameters).
 from __future__ import annotations
 
 from ..errors import PassError
+from ..frontend.reference import KV_PARAMS
 from ..ir.attention import is_attention
 from ..ir.tvm import IRModule, relax
 from .linears import Layout, rewrite_forward
-
-KV_PARAMS = ("k_proj", "v_proj", "k_bias", "v_bias", "k_norm")
 
 
 def share_kv(mod: IRModule, layout: Layout, kv_sources: tuple[int, ...]) -> tuple[IRModule, Layout]:

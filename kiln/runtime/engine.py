@@ -156,7 +156,7 @@ class Engine:
         if n + p.max_tokens > ctx:
             raise RequestError(f"this model's context window is {ctx} tokens; the prompt has {n} and max_tokens "
                                f"asks for {p.max_tokens} more (at most {ctx - n})")
-        cap = self.kv.config.num_pages * self.kv.config.page_size
+        cap = self.kv.max_sequence_tokens(ctx)
         if n + p.max_tokens > cap:
             raise RequestError(f"the request needs up to {n + p.max_tokens} tokens of KV cache; the server's cache "
                                f"holds {cap}")

@@ -47,7 +47,8 @@ class KVCache(Protocol):
     """
 
     config: KVCacheConfig
-    handle: object  # what the compiled model functions take as their kv_cache argument
+    handle: object  # TVM's cache object (None for kiln's grouped cache)
+    args: list  # what the compiled entry points take for the KV state, valid from begin_forward to end_forward
 
     def add_sequence(self, seq_id: int) -> None: ...
     def remove_sequence(self, seq_id: int) -> None: ...
@@ -58,9 +59,36 @@ class KVCache(Protocol):
     def sequence_len(self, seq_id: int) -> int: ...
     @property
     def num_free_pages(self) -> int: ...
+    # the page arithmetic the scheduler plans with (kiln/scheduler/scheduler.py)
+    def append_cost(self, length: int, k: int) -> int: ...  # pages that appending k tokens takes
+    def fork_cost(self, pos: int) -> int: ...  # pages a fork at pos copies
+    def fork_point(self, parent_id: int, pos: int) -> int: ...  # where a fork at pos really forks (<= pos)
+    def max_sequence_tokens(self, context_len: int) -> int: ...  # the longest sequence the cache holds alone
 
 
-class TVMPagedKVCache:
+class UniformPages:
+    """Page arithmetic of a cache whose every layer keeps every token (TVM's paged cache): appending k
+    tokens to a sequence of length L takes ``ceil((L+k)/P) - ceil(L/P)`` pages (a sequence's last page
+    is never shared), a fork inside a page copies that page, and a fork can happen anywhere."""
+
+    config: KVCacheConfig
+    args: list
+
+    def append_cost(self, length: int, k: int) -> int:
+        p = self.config.page_size
+        return -(-(length + k) // p) + (-length // p)
+
+    def fork_cost(self, pos: int) -> int:
+        return 1 if pos % self.config.page_size else 0
+
+    def fork_point(self, parent_id: int, pos: int) -> int:
+        return pos
+
+    def max_sequence_tokens(self, context_len: int) -> int:
+        return min(context_len, self.config.num_pages * self.config.page_size)
+
+
+class TVMPagedKVCache(UniformPages):
     """TVM's ``PagedAttentionKVCache`` (C++ runtime), created by the artifact's create_paged_kv_cache."""
 
     def __init__(self, vm, config: KVCacheConfig):
@@ -81,6 +109,7 @@ class TVMPagedKVCache:
         self._len = global_func("vm.builtin.attention_kv_cache_get_sequence_length")
         self._free = global_func("vm.builtin.attention_kv_cache_get_num_available_pages")
         self.live: set[int] = set()
+        self.args = [self.handle]  # what the compiled entry points take for the KV state
 
     def add_sequence(self, seq_id: int) -> None:
         assert seq_id not in self.live, seq_id
@@ -112,7 +141,7 @@ class TVMPagedKVCache:
         return int(self._free(self.handle))
 
 
-class SimulatedKVCache:
+class SimulatedKVCache(UniformPages):
     """A host-only twin of TVM's paged cache that keeps the page table but no K/V data.
 
     Pages are reference counted the way TVM's blocks are: a fork shares the parent's full pages and
@@ -124,6 +153,7 @@ class SimulatedKVCache:
     def __init__(self, config: KVCacheConfig):
         self.config = config
         self.handle = None
+        self.args: list = []
         total = config.num_pages + 1  # TVM's cache holds one page beyond max_total_tokens (measured)
         self._free = list(range(total - 1, -1, -1))
         self._refs = [0] * total

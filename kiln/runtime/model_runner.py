@@ -18,8 +18,9 @@ import numpy as np
 
 from ..artifact import Artifact
 from ..errors import ArtifactError, KilnError
-from ..ir.abi import ENTRY_POINTS
+from ..ir.abi import entry_points
 from .kv_cache import KVCacheConfig, TVMPagedKVCache
+from .kv_groups import GroupedKVCache
 from .tvm_runtime import DEVICE_TYPES, global_func, load_runtime
 
 
@@ -33,12 +34,15 @@ class StepInputs:
     logit_positions: np.ndarray  # [b] int32, index in token_ids of each sequence's last token
 
 
-def prepare_step(token_lists: list[list[int]]) -> StepInputs:
+def prepare_step(token_lists: list[list[int]], grouped: bool = False) -> StepInputs:
+    """``grouped``: kiln's grouped-KV artifacts have one entry point for every step, ``batch_prefill``."""
     assert token_lists and all(len(t) > 0 for t in token_lists)
     lens = [len(t) for t in token_lists]
     ids = np.fromiter((t for ts in token_lists for t in ts), dtype=np.int32, count=sum(lens))
     positions = (np.cumsum(lens) - 1).astype(np.int32)
-    if all(n == 1 for n in lens):
+    if grouped:
+        entry = "batch_prefill"
+    elif all(n == 1 for n in lens):
         entry = "decode" if len(lens) == 1 else "batch_decode"
     else:
         entry = "prefill" if len(lens) == 1 else "batch_prefill"
@@ -112,7 +116,8 @@ class ModelRunner:
             raise ArtifactError(f"cannot load {artifact.library} on {device}: {str(e).strip().splitlines()[-1]}") \
                 from None
         self.fns = {}
-        for name in ENTRY_POINTS:
+        self.grouped = self.spec.grouped_kv
+        for name in entry_points(self.grouped):
             try:
                 self.fns[name] = self.vm[name]
             except Exception:  # tvm_ffi raises AttributeError/RuntimeError for a missing function
@@ -125,7 +130,7 @@ class ModelRunner:
         cfg = kv_config or KVCacheConfig.for_model(self.spec.context_len, self.spec.kv_bytes_per_token)
         if cfg.prefill_chunk_size > cfg.max_total_tokens:
             raise KilnError("prefill_chunk_size must not exceed the KV cache's max_total_tokens")
-        self.kv = TVMPagedKVCache(self.vm, cfg)
+        self.kv = GroupedKVCache(self.spec, cfg, device, ffi) if self.grouped else TVMPagedKVCache(self.vm, cfg)
 
     def _load_params(self) -> list:
         import torch
@@ -176,7 +181,7 @@ class ModelRunner:
     def forward(self, seq_ids: list[int], token_lists: list[list[int]]) -> np.ndarray:
         """Append ``token_lists[i]`` to sequence ``seq_ids[i]``; return logits [b, V] float32 of each last token."""
         t0 = time.perf_counter()
-        step = prepare_step(token_lists)
+        step = prepare_step(token_lists, self.grouped)
         n, b, H = len(step.token_ids), len(seq_ids), self.spec.hidden_size
         if n > self.kv.config.prefill_chunk_size:
             raise KilnError(f"a step of {n} tokens exceeds prefill_chunk_size={self.kv.config.prefill_chunk_size}")
@@ -189,11 +194,11 @@ class ModelRunner:
         self.kv.begin_forward(seq_ids, step.append_lens)
         try:
             if step.entry == "batch_decode":
-                out = self.fns["batch_decode"](self._reshape(embeds, S([b, 1, H])), self.kv.handle, self.params)
+                out = self.fns["batch_decode"](self._reshape(embeds, S([b, 1, H])), *self.kv.args, self.params)
             elif step.entry == "batch_prefill":
-                out = self.fns["batch_prefill"](self._reshape(embeds, S([1, n, H])), pos, self.kv.handle, self.params)
+                out = self.fns["batch_prefill"](self._reshape(embeds, S([1, n, H])), pos, *self.kv.args, self.params)
             else:
-                out = self.fns[step.entry](self._reshape(embeds, S([1, n, H])), self.kv.handle, self.params)
+                out = self.fns[step.entry](self._reshape(embeds, S([1, n, H])), *self.kv.args, self.params)
         finally:
             self.kv.end_forward()
         t2 = time.perf_counter()
@@ -219,7 +224,7 @@ class ModelRunner:
         embeds = self.fns["embed"](ids, self.params)  # [n, H]
         self.kv.begin_forward([seq_id], [n])
         try:
-            out = self.fns["batch_prefill"](self._reshape(embeds, S([1, n, H])), pos, self.kv.handle, self.params)
+            out = self.fns["batch_prefill"](self._reshape(embeds, S([1, n, H])), pos, *self.kv.args, self.params)
         finally:
             self.kv.end_forward()
         return self._to_host(out[0]).reshape(len(positions), -1)

@@ -16,9 +16,10 @@ When a running sequence needs a page and none is free, cached prefixes are evict
 is not enough the newest running sequence is preempted by recompute: its pages are freed and it
 waits at the front of the queue with its prompt and output as the tokens to recompute.
 
-Page arithmetic, exact for TVM's paged cache: appending k tokens to a sequence of length L takes
-``ceil((L+k)/P) - ceil(L/P)`` new pages (a sequence's last block is never shared), and forking at
-a position inside a page copies that page.
+Page arithmetic is the KV cache's (``append_cost``, ``fork_cost``, ``fork_point``): TVM's paged cache
+takes ``ceil((L+k)/P) - ceil(L/P)`` pages to append k tokens to a sequence of length L and copies the
+page a fork lands inside; kiln's grouped cache (runtime/kv_groups.py) counts blocks per KV owner and
+forks at whole pages only.
 """
 
 from __future__ import annotations
@@ -72,10 +73,6 @@ class SchedulerStats:
     prefill_tokens_computed: int = 0
     generation_tokens: int = 0
     preemptions: int = 0
-
-
-def _pages(n: int, p: int) -> int:
-    return -(-n // p)
 
 
 class Scheduler:
@@ -135,9 +132,10 @@ class Scheduler:
         the prompt's last chunk was scheduled.
         """
         children = []
-        pos = parent.num_computed
+        pos = self.kv.fork_point(parent.seq_id, parent.num_computed)  # a child recomputes what it cannot share
         for i, extra in enumerate(tokens):
-            child = Sequence(self.new_seq_id(), parent.request_id, parent.tokens[:pos] + extra, parent.prompt_len,
+            child = Sequence(self.new_seq_id(), parent.request_id, parent.tokens[:parent.num_computed] + extra,
+                             parent.prompt_len,
                              parent.max_tokens, index=parent.index + 1 + i, user=parent.user, arrival=parent.arrival,
                              num_computed=pos, num_cached=parent.num_cached, status=Status.RUNNING,
                              charged_input=True)
@@ -151,11 +149,10 @@ class Scheduler:
     # -- one step --------------------------------------------------------------------------------
 
     def _need(self, seq: Sequence, k: int) -> int:
-        p = self.config.page_size
-        need = _pages(seq.num_computed + k, p) - _pages(seq.num_computed, p)
+        need = self.kv.append_cost(seq.num_computed, k)
         end = seq.num_computed + k
-        if seq.forks and end == len(seq.tokens) and end % p:
-            need += seq.forks  # each child's copy of the partial last page
+        if seq.forks and end == len(seq.tokens):
+            need += seq.forks * self.kv.fork_cost(end)  # each child's copy of the partial last page
         return need
 
     def _evict_one(self) -> bool:
@@ -216,7 +213,6 @@ class Scheduler:
         return batch
 
     def _admit(self, planned: list, budget: int, reserved: int) -> None:
-        p = self.config.page_size
         while budget > 0:
             seq = self.policy.peek()
             if seq is None or len(self.running) + 1 + seq.forks > self.config.max_num_seqs:
@@ -224,11 +220,14 @@ class Scheduler:
             parent, hit = (None, 0)
             if self.config.prefix_cache:
                 parent, hit = self.cache.match(seq.tokens[:len(seq.tokens) - 1])
+                if parent is not None:
+                    hit = self.kv.fork_point(parent, hit)
+                    parent = parent if hit else None
             k = min(len(seq.tokens) - hit, budget)
             end = hit + k
-            copy = 1 if hit % p else 0  # forking inside a page copies it
-            need = copy + _pages(end, p) - _pages(hit, p) + (seq.forks if seq.forks and end == len(seq.tokens)
-                                                               and end % p else 0)
+            copy = self.kv.fork_cost(hit) if parent is not None else 0  # forking inside a page copies it
+            need = copy + self.kv.append_cost(hit, k) + (
+                seq.forks * self.kv.fork_cost(end) if seq.forks and end == len(seq.tokens) else 0)
             if not self._make_room(need, reserved):
                 break
             if parent is not None and parent not in self.cache:  # making room evicted the prefix we matched

@@ -222,8 +222,7 @@ class _OpenAIServer:
         self.tokenizer: Tokenizer = core.tokenizer
         self.model_name: str = core.model_name
         self.context_len: int = core.spec.context_len
-        kv = core.kv.config
-        self.max_seq_len = min(self.context_len, kv.num_pages * kv.page_size)  # what one sequence can hold
+        self.max_seq_len = core.kv.max_sequence_tokens(self.context_len)  # what one sequence can hold
         self.model_card = ModelCard(id=self.model_name, created=int(time.time()), max_model_len=self.context_len)
         self.metrics = ServerMetrics(engine.stats)
         self.tokens = _TokenStrings(self.tokenizer)

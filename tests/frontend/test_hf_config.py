@@ -181,11 +181,11 @@ def test_sliding_window(tmp_path, name, config, context_len, want):
     qwen2(use_sliding_window=True, sliding_window=32, layer_types=["full_attention", "sliding_attention"]),
     qwen2(use_sliding_window=True, sliding_window=32, max_window_layers=1),  # old form, layer 1 slides
 ], ids=["v5", "old"])
-def test_mixed_sliding_and_global_layers_read_per_layer_and_not_paged_yet(tmp_path, config):
+def test_mixed_sliding_and_global_layers_read_per_layer_and_lowered_to_the_grouped_cache(tmp_path, config):
     from kiln.frontend.reference import build_reference
 
     from kiln.codegen.targets import resolve_target
-    from kiln.errors import PassError
+    from kiln.ir.abi import GROUPED_ENTRY_POINTS
     from kiln.ir.attention import is_attention
     from kiln.passes.pipeline import build_pipeline, run_pipeline
 
@@ -195,8 +195,11 @@ def test_mixed_sliding_and_global_layers_read_per_layer_and_not_paged_yet(tmp_pa
     windows = {int(f.attrs["kiln.layer_id"]): int(f.attrs["kiln.sliding_window"])
                for _, f in mod.functions_items() if is_attention(f)}
     assert windows == {0: -1, 1: 32}
-    with pytest.raises(PassError, match="sliding window"):  # not paged yet
-        run_pipeline(mod, build_pipeline(resolve_target("cpu")))
+    out = run_pipeline(mod, build_pipeline(resolve_target("cpu")))  # kiln's grouped KV cache, not TVM's
+    assert {gv.name_hint for gv, f in out.functions_items() if "global_symbol" in (f.attrs or {})} == \
+        set(GROUPED_ENTRY_POINTS)
+    kernels = {gv.name_hint for gv, _ in out.functions_items()}
+    assert {"kv_attention_o0", "kv_attention_o1_w32", "kv_append_o0", "kv_append_o1"} <= kernels
 
 
 # Character.AI's 13-layer map (llm-foundry's MPT docstring): 1 global KV owner (L0) and 4 sliding owners
@@ -215,8 +218,9 @@ def test_kiln_kv_sources_config_gives_the_mixattention_spec(tmp_path):
     per = spec.kv_bytes_per_token_per_layer
     for L in (10, 64, 2000):  # global owners x L + sliding owners x min(L, W)
         assert sum(spec.kv_bytes(L).values()) == per * (1 * L + 4 * min(L, 64))
-    with pytest.raises(UnsupportedModelError, match="KV sharing"):
-        build_reference(spec)
+    assert spec.grouped_kv
+    mod = build_reference(spec)  # every layer owns its KV until share_kv (the pipeline applies it)
+    assert not any("kiln.kv_source" in (f.attrs or {}) for _, f in mod.functions_items())
 
 
 def test_num_kv_shared_layers_reuse_the_last_owner_of_their_type(tmp_path):
