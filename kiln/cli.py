@@ -130,13 +130,16 @@ def generate(artifact, prompt, max_tokens, temperature, top_p, top_k, seed, igno
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--seq-len", type=click.IntRange(min=1), default=None,
+              help="also report one sequence's KV bytes at this length (default: the context length)")
 @_user_errors
-def inspect(artifact, as_json):
+def inspect(artifact, as_json, seq_len):
     """Show an artifact's model spec, target, sizes and KV bytes per token."""
     from .artifact import load_artifact
 
     art = load_artifact(artifact)
     spec = art.spec
+    seq_len = seq_len or spec.context_len
     sizes = art.file_sizes()
     info = {
         "path": str(art.path), "kiln_version": art.manifest["kiln_version"],
@@ -148,6 +151,8 @@ def inspect(artifact, as_json):
         "kv_groups": {t: {"owners": list(o), "bytes_per_token": len(o) * spec.kv_bytes_per_token_per_layer,
                           "window": spec.sliding_window if t == "sliding" else None}
                       for t, o in spec.kv_owners.items() if o},
+        # one sequence of seq_len tokens: global owners x L + sliding owners x min(L, W), per group
+        "kv_bytes_per_sequence": {"seq_len": seq_len, **spec.kv_bytes(seq_len)},
         "weights": "included" if art.has_weights else "none",
         "tokenizer": "placeholder" if art.placeholder_tokenizer else "included",
         "quant": art.manifest.get("options", {}).get("quant"),
@@ -173,6 +178,9 @@ def inspect(artifact, as_json):
         keeps = f", kept for the last {g['window']} tokens" if g["window"] else ""
         click.echo(f"kv cache    {t}: {g['bytes_per_token']} bytes per token ({per} x {n} KV-owning "
                    f"layer{'s' if n != 1 else ''}{keeps})")
+    b = info["kv_bytes_per_sequence"]
+    click.echo(f"kv cache    one {seq_len}-token sequence: {b['global'] + b['sliding']} bytes "
+               f"(global {b['global']}, sliding {b['sliding']})")
     if len(set(spec.kv_sources)) < spec.num_layers:
         click.echo(f"kv sharing  {sum(src != i for i, src in enumerate(spec.kv_sources))} layers attend to an "
                    f"earlier layer's KV: {', '.join(f'{i}->{s}' for i, s in enumerate(spec.kv_sources) if s != i)}")

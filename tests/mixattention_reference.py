@@ -18,6 +18,20 @@ from kiln.frontend.reference import param_shapes
 from kiln.ir.spec import ModelSpec
 
 
+# Character.AI's 13-layer map (llm-foundry's MPT docstring): L0 global; L1, L3, L7, L9 sliding owners; the
+# rest share: 1 global KV owner and 4 sliding owners for 13 attention layers
+CHARACTER_AI_TYPES = ("global", *["sliding"] * 5, "global", *["sliding"] * 5, "global")
+CHARACTER_AI_SOURCES = (0, 1, 1, 3, 3, 3, 0, 7, 7, 9, 9, 9, 0)
+
+
+def character_ai_spec(window: int = 64, context_len: int = 512, **kw) -> ModelSpec:
+    """A small random-weight-sized model with the Character.AI map (window 64 for testing)."""
+    return ModelSpec("MixAttention", **{**dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=13,
+                                               num_q_heads=4, num_kv_heads=1, head_dim=16, rms_norm_eps=1e-6,
+                                               context_len=context_len, sliding_window=window,
+                                               layer_types=CHARACTER_AI_TYPES, kv_sources=CHARACTER_AI_SOURCES), **kw})
+
+
 def weight_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """kiln's parameter layout without the K/V projections (and biases) of layers that share KV."""
     sharing = {i for i, src in enumerate(spec.kv_sources) if src != i}
