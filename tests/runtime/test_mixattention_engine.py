@@ -152,3 +152,29 @@ def test_admits_8x_more_2000_token_sequences_than_all_global(tmp_path):
                                    requests=(24, 3))
     assert r["all-global"]["peak_resident_sequences"] == 2
     assert r["ratio"] >= 8, r
+
+
+def test_mistral_sliding_window_matches_transformers_past_the_window(zoo, one_torch_thread):
+    """A transformers Mistral checkpoint with a 16-token window: greedy tokens equal transformers'
+    ``generate`` for 100 tokens, alone and batched with chunked prefill; without the window transformers
+    itself would say otherwise, so the window is what is being matched."""
+    import copy
+
+    model_dir, model = zoo.hf("mistral-sliding")
+    art = zoo.artifact("mistral-sliding")
+    prompts = [prompt(n, 20 + n) for n in (10, 40, 3)]
+
+    def hf_greedy(m, ids):
+        out = m.generate(torch.tensor([ids]), max_new_tokens=100, do_sample=False, min_new_tokens=100)
+        return out[0, len(ids):].tolist()
+
+    want = {f"m{i}": hf_greedy(model, ids) for i, ids in enumerate(prompts)}
+    unwindowed = copy.deepcopy(model)
+    unwindowed.config.sliding_window = None
+    assert hf_greedy(unwindowed, prompts[0]) != want["m0"]
+
+    alone = Engine(art, EngineConfig(max_num_seqs=1, max_batched_tokens=32, kv_cache_memory=16 << 20))
+    got = alone.generate([Request("m0", prompts[0], greedy(100))])["m0"]
+    assert [t for o in got for t in o.outputs[0].token_ids] == want["m0"]
+    batched = Engine(art, EngineConfig(max_num_seqs=4, max_batched_tokens=24, kv_cache_memory=16 << 20))
+    assert run_together(batched, [Request(f"m{i}", ids, greedy(100)) for i, ids in enumerate(prompts)]) == want

@@ -1,0 +1,102 @@
+"""kiln's grouped KV page manager (runtime/kv_groups.py), its page logic alone (no pool, no model): blocks
+per KV owner only, a sliding owner's pages released as its window moves, whole-page forks that check the
+window is still held, reference counts, and append_cost equal to what begin_forward takes."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+import mixattention_reference as ref
+from kiln.errors import KilnError
+from kiln.runtime.kv_cache import KVCacheConfig
+from kiln.runtime.kv_groups import GroupedKVCache
+
+SPEC = ref.character_ai_spec(window=64, context_len=4096)  # owners: 0 global; 1, 3, 7, 9 sliding
+P = 16
+
+
+def cache(tokens=4096) -> GroupedKVCache:
+    return GroupedKVCache(SPEC, KVCacheConfig(max_num_seqs=8, max_total_tokens=tokens, prefill_chunk_size=512))
+
+
+def grow(kv, seq, k):
+    taken = kv.num_free_pages
+    cost = kv.append_cost(kv.sequence_len(seq), k)
+    kv.begin_forward([seq], [k])
+    assert taken - kv.num_free_pages == cost  # the scheduler's plan is what the step takes
+    kv.end_forward()
+
+
+def held(kv, seq):
+    return (kv._tables[seq] >= 0).sum(axis=1).tolist()  # blocks per owner
+
+
+def test_blocks_only_for_owners_and_sliding_pages_are_released():
+    kv = cache()
+    assert kv.num_blocks == 4096 // P * 5  # the bytes of 4096 tokens of all five owners
+    kv.add_sequence(0)
+    for L in range(0, 2000, 100):
+        grow(kv, 0, 100)
+        n = L + 100
+        first = max(0, n // P * P - 63)  # the window of a query at the page boundary below n
+        window_pages = -(-n // P) - first // P
+        assert held(kv, 0) == [-(-n // P)] + [window_pages] * 4
+        assert window_pages <= -(-(64 + P) // P) + 1
+    assert kv.num_blocks - kv.num_free_pages == 125 + 4 * held(kv, 0)[1]  # not 5 x 125
+    kv.remove_sequence(0)
+    assert kv.num_free_pages == kv.num_blocks
+
+
+def test_forks_share_whole_pages_within_the_window():
+    kv = cache()
+    kv.add_sequence(0)
+    grow(kv, 0, 119)
+    assert kv.fork_point(0, 119) == 112  # the page boundary below
+    assert kv.fork_point(0, 60) == 0  # its window (from 0) slid out of the parent's sliding pages
+    before = kv.num_free_pages
+    kv.fork_sequence(0, 1, 112)
+    assert kv.num_free_pages == before and kv.sequence_len(1) == 112  # nothing copied
+    with pytest.raises(KilnError, match="fork_point"):
+        kv.fork_sequence(0, 2, 100)
+    kv.remove_sequence(0)
+    assert held(kv, 1)[0] == 7 and kv.num_free_pages < kv.num_blocks  # the child keeps the shared pages
+    grow(kv, 1, 30)
+    kv.remove_sequence(1)
+    assert kv.num_free_pages == kv.num_blocks
+
+
+def test_a_random_workload_frees_everything_and_never_overdraws():
+    rng = random.Random(0)
+    kv = cache(2048)
+    live = {}
+    for step in range(400):
+        if live and rng.random() < 0.1:
+            kv.remove_sequence(live.pop(rng.choice(list(live))))
+        elif len(live) < 6 and rng.random() < 0.3:
+            sid = step
+            if live and rng.random() < 0.5:
+                parent = rng.choice(list(live))
+                pos = kv.fork_point(parent, kv.sequence_len(parent))
+                if pos:
+                    kv.fork_sequence(parent, sid, pos)
+                else:
+                    kv.add_sequence(sid)
+            else:
+                kv.add_sequence(sid)
+            live[sid] = sid
+        if live:
+            seqs = rng.sample(list(live), rng.randint(1, len(live)))
+            lens = [rng.choice([1, 1, 1, 17, 70]) for _ in seqs]
+            if sum(kv.append_cost(kv.sequence_len(s), k) for s, k in zip(seqs, lens)) <= kv.num_free_pages:
+                kv.begin_forward(seqs, lens)
+                kv.end_forward()
+        refs = {}
+        for t in kv._tables.values():
+            for b in t[t >= 0].tolist():
+                refs[b] = refs.get(b, 0) + 1
+        assert all(kv._refs[b] == c for b, c in refs.items()) and len(refs) + kv.num_free_pages == kv.num_blocks
+    for sid in list(live):
+        kv.remove_sequence(sid)
+    assert kv.num_free_pages == kv.num_blocks
