@@ -57,6 +57,15 @@ def main():
     """kiln: compile an LLM once with TVM, then serve or generate from the artifact."""
 
 
+def _sharing_map(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise KilnError(f"--kv-sharing {text!r}: expected comma-separated layer indices, one per layer") from None
+
+
 @main.command("compile")
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="artifact directory")
@@ -79,10 +88,14 @@ def main():
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
               help="for a .pt2/.onnx graph: the directory with tokenizer.json (and ideally the model's config.json)")
 @click.option("--no-fuse", is_flag=True, help="skip the fusion passes (to measure what they bring)")
+@click.option("--kv-sharing", default=None, metavar="MAP",
+              help="cross-layer KV sharing for a model trained with it: per layer, comma-separated, the layer whose "
+                   "K/V it attends to (its own index for a KV owner), e.g. 0,1,1,3,3,3,0,7,7,9,9,9,0; overrides "
+                   "the config's kv_sources")
 @click.option("-q", "--quiet", is_flag=True)
 @_user_errors
 def compile_cmd(model_dir, out, target, arch, dtype, context_len, dump_ir, config_only, quant, calib, tokenizer,
-                no_fuse, quiet):
+                no_fuse, kv_sharing, quiet):
     """Compile MODEL_DIR into an artifact: a Hugging Face checkpoint directory, or a model graph exported with
     torch.export (.pt2) or to ONNX (.onnx), whose structure kiln recognises (needs --tokenizer)."""
     from .compiler import CompileConfig, compile_model
@@ -91,7 +104,8 @@ def compile_cmd(model_dir, out, target, arch, dtype, context_len, dump_ir, confi
     report = compile_model(model_dir, out, CompileConfig(target=target, arch=arch, dtype=dtype,
                                                          context_len=context_len, dump_ir=dump_ir,
                                                          config_only=config_only, quant=quant, calib=calib,
-                                                         tokenizer=tokenizer, fuse=not no_fuse),
+                                                         tokenizer=tokenizer, fuse=not no_fuse,
+                                                         kv_sharing=_sharing_map(kv_sharing)),
                            progress)
     secs = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())
     click.echo(f"wrote {out} ({report.artifact_bytes / 1e6:.1f} MB; {secs})")

@@ -36,6 +36,7 @@ class CompileConfig:
     keep_reference: bool = False  # keep the dense forward in the library (for self-checks)
     tokenizer: Path | None = None  # a .pt2/.onnx graph's tokenizer directory (a checkpoint directory has its own)
     fuse: bool = True  # the fusion passes (QKV, gate/up + SiLU·mul, residual add + RMSNorm)
+    kv_sharing: tuple[int, ...] | None = None  # per layer, its KV source (overrides the config's kv_sources)
 
 
 @dataclass
@@ -63,7 +64,7 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
     else:
         if config.tokenizer is not None:
             raise KilnError(f"--tokenizer is for .pt2/.onnx graphs; {model_dir} brings its own tokenizer")
-        load_spec(Path(model_dir), dtype=config.dtype, context_len=config.context_len)
+        load_spec(Path(model_dir), dtype=config.dtype, context_len=config.context_len, kv_sources=config.kv_sharing)
         pre = prequantized(Path(model_dir))
     quant = _scheme_name(model_dir, config, pre)
     scheme = calib = None
@@ -104,7 +105,8 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
     else:
         progress("importing the config (no weights)" if config.config_only else "importing the checkpoint")
         imported = import_hf(model_dir, dtype=config.dtype, context_len=config.context_len,
-                             with_tokenizer=not placeholder, with_weights=not config.config_only)
+                             with_tokenizer=not placeholder, with_weights=not config.config_only,
+                             kv_sources=config.kv_sharing)
     spec = imported.spec
     layout, params, mod = imported.param_layout, imported.params, imported.mod
     if scheme is not None:

@@ -23,7 +23,8 @@ class ImportedModel:
 
 
 def import_hf(model_dir: str | Path, dtype: str | None = None, context_len: int | None = None,
-              with_tokenizer: bool = True, with_weights: bool = True) -> ImportedModel:
+              with_tokenizer: bool = True, with_weights: bool = True,
+              kv_sources: tuple[int, ...] | None = None) -> ImportedModel:
     """Load a Hugging Face checkpoint directory into kiln's reference form.
 
     ``with_weights=False`` reads config.json alone: the parameter layout comes from the ModelSpec and
@@ -32,7 +33,7 @@ def import_hf(model_dir: str | Path, dtype: str | None = None, context_len: int 
     from .reference import build_reference, param_shapes, shared_kv_params
 
     model_dir = Path(model_dir)
-    spec = load_spec(model_dir, dtype=dtype, context_len=context_len)
+    spec = load_spec(model_dir, dtype=dtype, context_len=context_len, kv_sources=kv_sources)
     pre = prequantized(model_dir)
     toks = tokenizer_files(model_dir) if with_tokenizer else []
     shapes = param_shapes(spec)

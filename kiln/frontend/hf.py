@@ -176,7 +176,20 @@ def _eos_ids(model_dir: Path, config: dict[str, Any]) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, list) else (int(eos),)
 
 
-def load_spec(model_dir: Path, dtype: str | None = None, context_len: int | None = None) -> ModelSpec:
+def load_spec(model_dir: Path, dtype: str | None = None, context_len: int | None = None,
+              kv_sources: tuple[int, ...] | None = None) -> ModelSpec:
+    """``kv_sources``: a sharing map given by the user (``kiln compile --kv-sharing``), over the config's."""
+    spec = _load_spec(model_dir, dtype, context_len)
+    if kv_sources is None:
+        return spec
+    try:
+        return spec.replace(kv_sources=tuple(kv_sources))
+    except AssertionError as e:
+        raise UnsupportedModelError(f"--kv-sharing {','.join(map(str, kv_sources))} does not fit {spec.num_layers} "
+                                    f"layers of types {','.join(spec.layer_types)}: {e}") from None
+
+
+def _load_spec(model_dir: Path, dtype: str | None, context_len: int | None) -> ModelSpec:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir} is not a directory (expected a Hugging Face checkpoint directory)")

@@ -178,3 +178,31 @@ def test_mistral_sliding_window_matches_transformers_past_the_window(zoo, one_to
     assert [t for o in got for t in o.outputs[0].token_ids] == want["m0"]
     batched = Engine(art, EngineConfig(max_num_seqs=4, max_batched_tokens=24, kv_cache_memory=16 << 20))
     assert run_together(batched, [Request(f"m{i}", ids, greedy(100)) for i, ids in enumerate(prompts)]) == want
+
+
+def test_kv_sharing_map_on_the_command_line(tmp_path, one_torch_thread):
+    """``kiln compile --kv-sharing MAP`` applies the map to a checkpoint whose config does not carry it."""
+    from click.testing import CliRunner
+
+    from kiln.artifact import load_artifact
+    from kiln.cli import main
+
+    ck = tmp_path / "ck"
+    ref.save_checkpoint(SPEC, W, ck)
+    save_tokenizer(ck, SPEC.vocab_size)
+    config = json.loads((ck / "config.json").read_text())
+    del config["kv_sources"]
+    (ck / "config.json").write_text(json.dumps(config))
+    bad = CliRunner().invoke(main, ["compile", str(ck), "-o", str(tmp_path / "bad"), "--kv-sharing", "0,0,1"])
+    assert bad.exit_code == 1 and "--kv-sharing 0,0,1" in bad.output and "Traceback" not in bad.output
+    bad = CliRunner().invoke(main, ["compile", str(ck), "-o", str(tmp_path / "bad"),
+                                    "--kv-sharing", "0,0,1,3,3,3,0,7,7,9,9,9,0"])  # sliding 1 -> global 0
+    assert bad.exit_code == 1 and "shares the KV of layer 0" in bad.output
+    sharing = ",".join(map(str, ref.CHARACTER_AI_SOURCES))
+    r = CliRunner().invoke(main, ["compile", str(ck), "-o", str(tmp_path / "art"), "--kv-sharing", sharing, "-q"])
+    assert r.exit_code == 0, r.output
+    assert load_artifact(tmp_path / "art").spec.kv_sources == ref.CHARACTER_AI_SOURCES
+    ids = prompt(30, 9)
+    out = Engine(tmp_path / "art", EngineConfig(max_num_seqs=1, kv_cache_memory=16 << 20)).generate(
+        [Request("k", ids, greedy(90))])["k"]
+    assert [t for o in out for t in o.outputs[0].token_ids] == ref.greedy(SPEC, W, ids, 90)
