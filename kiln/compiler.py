@@ -170,6 +170,9 @@ def _check_graph_options(path: Path, config: CompileConfig) -> None:
                         "ideally the model's config.json)")
     if config.config_only:
         raise KilnError("--config-only compiles a Hugging Face config.json; a graph file carries its weights")
+    if config.kv_sharing is not None:
+        raise KilnError("--kv-sharing applies to a Hugging Face checkpoint directory; a graph's attention is read "
+                        "from the graph")
 
 
 def _scheme_name(model_dir, config: CompileConfig, pre) -> str | None:

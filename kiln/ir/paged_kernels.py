@@ -16,7 +16,9 @@ a window only decides which positions a query reads: token t at position p atten
 appended before attention runs, so a chunk longer than the window is masked exactly as a dense
 sliding-window mask would be. Softmax is accumulated online in float32.
 
-The kernels are plain loops, parallel over tokens, for the CPU.
+The kernels are plain loops: parallel over tokens on the CPU; on a GPU (``gpu=True``) a thread block
+per token and a thread per head (attention) or per head x channel (append) — correct by construction,
+not tuned, and not yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -27,8 +29,18 @@ from tvm.script import tirx as T
 LOG2E = 1.4426950408889634
 
 
-def append_kernel(owner: int, kv_heads: int, head_dim: int, page: int, dtype: str):
+def _loops(gpu: bool):
+    """(token loop, inner loop): parallel + serial on the CPU; a thread block per token and a thread per
+    inner index on a GPU."""
+    if gpu:
+        return (lambda n: T.thread_binding(n, thread="blockIdx.x"),
+                lambda n: T.thread_binding(n, thread="threadIdx.x"))
+    return T.parallel, T.serial
+
+
+def append_kernel(owner: int, kv_heads: int, head_dim: int, page: int, dtype: str, gpu: bool = False):
     """``pool[slot // P, 0|1, h, slot % P, :] = k|v[t, h, :]`` with ``slot = slots[owner, t]`` (in place)."""
+    tokens, inner = _loops(gpu)
 
     @T.prim_func(private=True, s_tir=True)
     def kv_append(var_pool: T.handle, var_k: T.handle, var_v: T.handle, var_slots: T.handle):
@@ -38,10 +50,12 @@ def append_kernel(owner: int, kv_heads: int, head_dim: int, page: int, dtype: st
         k = T.match_buffer(var_k, (n, kv_heads, head_dim), dtype)
         v = T.match_buffer(var_v, (n, kv_heads, head_dim), dtype)
         slots = T.match_buffer(var_slots, (owners, n), "int32")
-        for t in T.parallel(n):
-            for h, d in T.grid(kv_heads, head_dim):
+        for t in tokens(n):
+            for hd in inner(kv_heads * head_dim):
                 with T.sblock("append"):
-                    vt, vh, vd = T.axis.remap("SSS", [t, h, d])
+                    vt = T.axis.spatial(n, t)
+                    vh = T.axis.spatial(kv_heads, hd // head_dim)
+                    vd = T.axis.spatial(head_dim, hd % head_dim)
                     T.reads(slots[owner, vt], k[vt, vh, vd], v[vt, vh, vd])
                     T.writes(pool[slots[owner, vt] // page, 0:2, vh, slots[owner, vt] % page, vd])
                     slot: T.int32 = slots[owner, vt]
@@ -52,9 +66,10 @@ def append_kernel(owner: int, kv_heads: int, head_dim: int, page: int, dtype: st
 
 
 def attention_kernel(owner: int, window: int, q_heads: int, kv_heads: int, head_dim: int, page: int, dtype: str,
-                     sm_scale: float):
+                     sm_scale: float, gpu: bool = False):
     """``o[t, h] = softmax(q[t, h] . K[j] * sm_scale) @ V[j]`` over positions j of token t's sequence in its
     window (see the module docstring); K/V read from ``owner``'s pages."""
+    tokens, inner = _loops(gpu)
     group = q_heads // kv_heads
     scale = float(sm_scale) * LOG2E
 
@@ -69,19 +84,19 @@ def attention_kernel(owner: int, window: int, q_heads: int, kv_heads: int, head_
         seq = T.match_buffer(var_seq, (n,), "int32")
         pos = T.match_buffer(var_pos, (n,), "int32")
         o = T.match_buffer(var_o, (n, q_heads, head_dim), dtype)
-        for t in T.parallel(n):
-            for h in T.serial(q_heads):
+        for t in tokens(n):
+            for h in inner(q_heads):
                 with T.sblock("attn"):
                     vt, vh = T.axis.remap("SS", [t, h])
                     T.reads(q[vt, vh, 0:head_dim], pages[owner, seq[vt], 0:maxp], pos[vt], seq[vt],
                             pool[0:nblocks, 0:2, vh // group, 0:page, 0:head_dim])
                     T.writes(o[vt, vh, 0:head_dim])
-                    acc = T.sblock_alloc_buffer((head_dim,), "float32")
-                    qf = T.sblock_alloc_buffer((head_dim,), "float32")
-                    m = T.sblock_alloc_buffer((1,), "float32")
-                    den = T.sblock_alloc_buffer((1,), "float32")
-                    s = T.sblock_alloc_buffer((1,), "float32")
-                    m_new = T.sblock_alloc_buffer((1,), "float32")
+                    acc = T.sblock_alloc_buffer((head_dim,), "float32", scope="local")
+                    qf = T.sblock_alloc_buffer((head_dim,), "float32", scope="local")
+                    m = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                    den = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                    s = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                    m_new = T.sblock_alloc_buffer((1,), "float32", scope="local")
                     p: T.int32 = pos[vt]
                     row: T.int32 = seq[vt]
                     lo: T.int32 = T.max(p - window + 1, 0) if window > 0 else 0
@@ -107,12 +122,3 @@ def attention_kernel(owner: int, window: int, q_heads: int, kv_heads: int, head_
                         o[vt, vh, d] = T.Cast(dtype, acc[d] / den[0])
 
     return paged_attention
-
-
-def schedule_for(func, target):
-    """The kernel for ``target``: as written on the CPU. CUDA is refused until the GPU binding lands."""
-    if target.kind.name != "llvm":
-        from ..errors import TargetError
-
-        raise TargetError("kiln's grouped KV cache (sliding windows, shared KV) builds for the CPU only so far")
-    return func

@@ -20,9 +20,9 @@ agree on head counts, head_dim and RoPE (one cache holds every layer).
 Rejected, with a PassError naming what did not match: no ``forward``; a ``forward`` with no
 attention composite; layer ids that are not exactly 0..L-1; composites that disagree on heads,
 head_dim or RoPE; head attributes that contradict the q/k/v shapes of the call; non-causal
-attention; a sliding window (lands with the MixAttention work: TVM's cache evicts by page, which
-equals a dense window mask only under chunking rules kiln does not enforce yet); RoPE other than
-rotate-half; input ids used by anything but one embedding take.
+attention; a sliding window or a shared KV source (passes/paged_groups.py lowers those to kiln's
+grouped cache: TVM's keeps one page table for all layers); RoPE other than rotate-half; input ids used
+by anything but one embedding take.
 
 Invariant: for every sequence, the logits of ``prefill``/``decode`` (and of the batched entries,
 row for row) equal ``forward``'s logits at the same positions, within float rounding; after the

@@ -32,7 +32,7 @@ import numpy as np
 from ..errors import PassError
 from ..ir.abi import GROUPED_ENTRY_POINTS, GROUPED_PAGE_SIZE, REFERENCE_ENTRY
 from ..ir.attention import rope_spec_of, rope_te
-from ..ir.paged_kernels import append_kernel, attention_kernel, schedule_for
+from ..ir.paged_kernels import append_kernel, attention_kernel
 from ..ir.tvm import IRModule, Target, relax, tirx, tvm
 from .paged_attention import _Analysis, _Cloner, _embed_function, emit_serving_function
 
@@ -60,9 +60,10 @@ def _serving(cl: _Cloner, an: _Analysis, owners: list[int], target: Target) -> N
     def kernel(kind: str, owner: int, window: int, sm_scale: float) -> relax.GlobalVar:
         key = (kind, owner, window, sm_scale)
         if key not in kernels:
-            f = append_kernel(owner, hkv, d, P, dt) if kind == "append" else \
-                attention_kernel(owner, window, hq, hkv, d, P, dt, sm_scale)
-            kernels[key] = bb.add_func(schedule_for(f, target), f"kv_{kind}_o{owner}" +
+            gpu = target.kind.name == "cuda"
+            f = append_kernel(owner, hkv, d, P, dt, gpu) if kind == "append" else \
+                attention_kernel(owner, window, hq, hkv, d, P, dt, sm_scale, gpu)
+            kernels[key] = bb.add_func(f, f"kv_{kind}_o{owner}" +
                                        (f"_w{window}" if kind == "attention" and window > 0 else ""))
         return kernels[key]
 

@@ -331,8 +331,7 @@ class Engine:
         s = self.scheduler.stats
         free = self.kv.num_free_pages
         used = self.kv_pages_total - free
-        p = self.kv.config.page_size
-        running = sum(-(-q.num_computed // p) for q in self.scheduler.running)  # pages running sequences use
+        running = sum(self.kv.pages_held(q.seq_id, q.num_computed) for q in self.scheduler.running)  # pages running sequences use
         return EngineStats(running=len(self.scheduler.running), waiting=self.scheduler.num_waiting,
                            kv_pages_total=self.kv_pages_total, kv_pages_free=free,
                            kv_pages_cached=max(0, used - running) if len(self.scheduler.cache) else 0,

@@ -64,6 +64,7 @@ class KVCache(Protocol):
     def fork_cost(self, pos: int) -> int: ...  # pages a fork at pos copies
     def fork_point(self, parent_id: int, pos: int) -> int: ...  # where a fork at pos really forks (<= pos)
     def max_sequence_tokens(self, context_len: int) -> int: ...  # the longest sequence the cache holds alone
+    def pages_held(self, seq_id: int, length: int) -> int: ...  # pages a sequence of length tokens holds
 
 
 class UniformPages:
@@ -86,6 +87,9 @@ class UniformPages:
 
     def max_sequence_tokens(self, context_len: int) -> int:
         return min(context_len, self.config.num_pages * self.config.page_size)
+
+    def pages_held(self, seq_id: int, length: int) -> int:
+        return -(-length // self.config.page_size)  # from the caller's length: no call into the cache
 
 
 class TVMPagedKVCache(UniformPages):

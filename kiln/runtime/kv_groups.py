@@ -98,6 +98,9 @@ class GroupedKVCache:
 
     # -- KVCache protocol --------------------------------------------------------------------------
 
+    def pages_held(self, seq_id: int, length: int) -> int:
+        return int((self._tables[seq_id] >= 0).sum())  # blocks, shared ones included
+
     @property
     def num_free_pages(self) -> int:
         return len(self._free)

@@ -95,13 +95,10 @@ def test_batched_with_chunked_prefill_equals_the_reference(mix, expected):
     # a step carries up to 100 tokens: prompt chunks longer than the window, next to running decodes
     eng = Engine(mix, EngineConfig(max_num_seqs=8, max_batched_tokens=100, kv_cache_memory=64 << 20))
     assert run_together(eng, requests()) == expected
-    assert eng.stats().kv_pages_free == eng.kv_pages_total - _cached_blocks(eng)
+    s = eng.stats()  # what is left is the prefix cache's
+    assert s.kv_sequences == s.cached_sequences and s.kv_pages_total - s.kv_pages_free == s.kv_pages_cached
     eng.clear_prefix_cache()
     assert eng.kv.num_free_pages == eng.kv_pages_total
-
-
-def _cached_blocks(eng) -> int:
-    return sum(int((eng.kv._tables[s] >= 0).sum()) for s in eng.kv.live)
 
 
 def test_preemption_keeps_outputs(mix, expected):
@@ -206,3 +203,32 @@ def test_kv_sharing_map_on_the_command_line(tmp_path, one_torch_thread):
     out = Engine(tmp_path / "art", EngineConfig(max_num_seqs=1, kv_cache_memory=16 << 20)).generate(
         [Request("k", ids, greedy(90))])["k"]
     assert [t for o in out for t in o.outputs[0].token_ids] == ref.greedy(SPEC, W, ids, 90)
+
+
+def test_a_graph_with_kv_sharing_is_refused_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from kiln.cli import main
+
+    save_tokenizer(tmp_path, SPEC.vocab_size)
+    graph = tmp_path / "m.onnx"
+    graph.write_bytes(b"x")
+    r = CliRunner().invoke(main, ["compile", str(graph), "-o", str(tmp_path / "b"), "--tokenizer", str(tmp_path),
+                                  "--kv-sharing", "0,1"])
+    assert r.exit_code == 1 and "--kv-sharing applies to a Hugging Face" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.cuda_compile
+def test_cuda_build_holds_the_grouped_kernels_as_machine_code(tmp_path):
+    """The grouped cache's kernels cross-compile for sm_90 (thread-bound loops; not run on a GPU yet)."""
+    from kiln.artifact import load_artifact
+    from kiln.compiler import CompileConfig, compile_model
+
+    ck = tmp_path / "ck"
+    ref.save_checkpoint(SPEC, W, ck)
+    save_tokenizer(ck, SPEC.vocab_size)
+    compile_model(ck, tmp_path / "art", CompileConfig(target="cuda", arch="sm_90"))
+    lib = (tmp_path / "art" / "model.so").read_bytes()
+    assert (0xBA55ED50).to_bytes(4, "little") in lib  # a fatbin (codegen/build.py refuses CUDA source)
+    assert b"kv_attention_o1_w64" in lib and b"kv_append_o0" in lib and b"__global__" not in lib
+    assert load_artifact(tmp_path / "art").spec.grouped_kv
