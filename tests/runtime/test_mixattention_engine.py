@@ -232,3 +232,18 @@ def test_cuda_build_holds_the_grouped_kernels_as_machine_code(tmp_path):
     assert (0xBA55ED50).to_bytes(4, "little") in lib  # a fatbin (codegen/build.py refuses CUDA source)
     assert b"kv_attention_o1_w64" in lib and b"kv_append_o0" in lib and b"__global__" not in lib
     assert load_artifact(tmp_path / "art").spec.grouped_kv
+
+
+def test_n_choices_fork_at_a_page_and_recompute_the_rest(mix, one_torch_thread):
+    ids = prompt(45, 11)  # the prompt ends inside a page: each child recomputes tokens 32..44 itself
+    eng = Engine(mix, EngineConfig(max_num_seqs=4, max_batched_tokens=64, kv_cache_memory=64 << 20,
+                                   prefix_cache=False))
+    p = SamplingParams(max_tokens=80, temperature=0.0, ignore_eos=True, n=2)
+    out = eng.generate([Request("n", ids, p)])["n"]
+    by = {}
+    for o in out:
+        for c in o.outputs:
+            by.setdefault(c.index, []).extend(c.token_ids)
+    want = ref.greedy(SPEC, W, ids, 80)
+    assert by == {0: want, 1: want}
+    assert eng.kv.num_free_pages == eng.kv_pages_total
