@@ -2,12 +2,14 @@
 model (Character.AI's 13-layer map: 1 global KV owner, 4 sliding owners, window 64) against the same
 model with every layer global and owning its KV — measured on the real engine and caches, not computed.
 
-    python tools/bench_kv_admission.py [--prompt-len 2000] [--max-tokens 100] [--budget-seqs 2] [--json FILE]
+    python tools/bench_kv_admission.py [--prompt-len 2000] [--max-tokens 100] [--budget-seqs 2] [--speed] [--json FILE]
 
 Both models get ``--budget-seqs`` x (prompt + output) tokens of the all-global model's KV bytes. Each
 engine is sent more requests than it can hold (random prompts, greedy, no prefix reuse); the figure is
 the largest number of running sequences that held the KV of their whole prompt at the same step. The
 all-global model runs on TVM's paged cache, the MixAttention one on kiln's grouped cache (runtime/kv_groups.py).
+``--speed`` adds both models' decode tokens/s (not the same computation: the MixAttention model skips
+8 layers' K/V projections; its attention kernels are kiln's plain loops, the other's TVM's).
 """
 
 from __future__ import annotations
@@ -66,8 +68,33 @@ def peak_resident(artifact: Path, budget: int, requests: int, prompt_len: int, m
             "seconds": round(time.perf_counter() - t, 1)}
 
 
+def decode_speed(artifact: Path, batch: int, context: int = 256, steps: int = 32, repeats: int = 3) -> float:
+    """Decode tokens/s of ``batch`` sequences at ``context`` tokens (best of ``repeats``), model runner only."""
+    import numpy as np
+
+    from kiln.artifact import load_artifact
+    from kiln.runtime.kv_cache import KVCacheConfig
+    from kiln.runtime.model_runner import ModelRunner
+
+    r = ModelRunner(load_artifact(artifact), kv_config=KVCacheConfig(
+        max_num_seqs=batch, max_total_tokens=batch * (context + steps * repeats + 16), prefill_chunk_size=context))
+    ids = list(range(batch))
+    rng = np.random.default_rng(0)
+    for s in ids:
+        r.kv.add_sequence(s)
+        r.forward([s], [rng.integers(3, r.spec.vocab_size, context).tolist()])
+    best = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(steps):
+            logits = r.forward(ids, [[7]] * batch)
+        assert logits.shape[0] == batch
+        best = max(best, batch * steps / (time.perf_counter() - t))
+    return best
+
+
 def measure(workdir: Path, prompt_len: int = 2000, max_tokens: int = 100, window: int = 64, budget_seqs: int = 2,
-            requests: tuple[int, int] = (24, 3)) -> dict:
+            requests: tuple[int, int] = (24, 3), speed: bool = False) -> dict:
     models = build(workdir, window, prompt_len + max_tokens + 16)
     plain = models["all-global"][1]
     budget = budget_seqs * (prompt_len + max_tokens) * plain.kv_bytes_per_token
@@ -76,6 +103,9 @@ def measure(workdir: Path, prompt_len: int = 2000, max_tokens: int = 100, window
         result[name] = {**peak_resident(art, budget, n, prompt_len, max_tokens),
                         "kv_bytes_per_token_at_prompt_len": sum(spec.kv_bytes(prompt_len).values()) // prompt_len}
     result["ratio"] = result["mixattention"]["peak_resident_sequences"] / result["all-global"]["peak_resident_sequences"]
+    if speed:  # the price of kiln's plain-loop kernels next to TVM's, side by side in one run
+        for name, (art, _) in models.items():
+            result[name]["decode_tok_s_at_256"] = {b: round(decode_speed(art, b)) for b in (1, 16)}
     return result
 
 
@@ -85,11 +115,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=100)
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("--budget-seqs", type=int, default=2, help="the budget in all-global sequences")
+    ap.add_argument("--speed", action="store_true", help="also decode tokens/s of both (batch 1 and 16, 256 tokens)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         r = measure(Path(d), a.prompt_len, a.max_tokens, a.window, a.budget_seqs,
-                    (12 * a.budget_seqs, a.budget_seqs + 1))
+                    (12 * a.budget_seqs, a.budget_seqs + 1), a.speed)
     print(json.dumps(r, indent=1))
     if a.json:
         a.json.write_text(json.dumps(r, indent=1))

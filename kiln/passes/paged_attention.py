@@ -381,12 +381,15 @@ class LowerPagedAttention:
         for name in ("prefill", "decode", "batch_prefill", "batch_decode"):
             _serving_function(cl, an, name)
         _create_kv_function(cl, an, self.target)
-        out = cl.bb.get()
-        if not self.keep_reference:
-            out = IRModule({gv: f for gv, f in out.functions_items() if gv.name_hint != REFERENCE_ENTRY.name},
-                           attrs=out.attrs)
-        return relax.transform.DeadCodeElimination(list(ENTRY_POINTS) + (
-            [REFERENCE_ENTRY.name] if self.keep_reference else []))(out)
+        return finish_serving(cl.bb.get(), ENTRY_POINTS, self.keep_reference)
+
+
+def finish_serving(out: IRModule, entries, keep_reference: bool) -> IRModule:
+    """Drop ``forward`` (unless kept) and whatever the entry points no longer reach."""
+    if not keep_reference:
+        out = IRModule({gv: f for gv, f in out.functions_items() if gv.name_hint != REFERENCE_ENTRY.name},
+                       attrs=out.attrs)
+    return relax.transform.DeadCodeElimination(list(entries) + ([REFERENCE_ENTRY.name] if keep_reference else []))(out)
 
 
 def lower_paged_attention(mod: IRModule, target: Target, keep_reference: bool = False) -> IRModule:

@@ -30,11 +30,11 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import PassError
-from ..ir.abi import GROUPED_ENTRY_POINTS, GROUPED_PAGE_SIZE, REFERENCE_ENTRY
-from ..ir.attention import rope_spec_of, rope_te
+from ..ir.abi import GROUPED_ENTRY_POINTS, GROUPED_PAGE_SIZE
+from ..ir.attention import is_attention, rope_spec_of, rope_te
 from ..ir.paged_kernels import append_kernel, attention_kernel
 from ..ir.tvm import IRModule, Target, relax, tirx, tvm
-from .paged_attention import _Analysis, _Cloner, _embed_function, emit_serving_function
+from .paged_attention import _Analysis, _Cloner, _embed_function, emit_serving_function, finish_serving
 
 
 def _serving(cl: _Cloner, an: _Analysis, owners: list[int], target: Target) -> None:
@@ -105,12 +105,7 @@ class LowerPagedGroups:
         cl = _Cloner(mod)
         _embed_function(cl, an)
         _serving(cl, an, owners, self.target)
-        out = cl.bb.get()
-        if not self.keep_reference:
-            out = IRModule({gv: f for gv, f in out.functions_items() if gv.name_hint != REFERENCE_ENTRY.name},
-                           attrs=out.attrs)
-        return relax.transform.DeadCodeElimination(list(GROUPED_ENTRY_POINTS) + (
-            [REFERENCE_ENTRY.name] if self.keep_reference else []))(out)
+        return finish_serving(cl.bb.get(), GROUPED_ENTRY_POINTS, self.keep_reference)
 
 
 def lower_paged_groups(mod: IRModule, target: Target, keep_reference: bool = False) -> IRModule:
@@ -119,7 +114,5 @@ def lower_paged_groups(mod: IRModule, target: Target, keep_reference: bool = Fal
 
 def needs_groups(mod: IRModule) -> bool:
     """Whether ``forward``'s attention needs kiln's grouped cache (a sliding window or a shared KV)."""
-    from ..ir.attention import is_attention
-
     return any(is_attention(f) and (int(f.attrs["kiln.sliding_window"]) > 0 or "kiln.kv_source" in f.attrs)
                for _, f in mod.functions_items())
