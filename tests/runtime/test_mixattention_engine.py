@@ -177,6 +177,24 @@ def test_mistral_sliding_window_matches_transformers_past_the_window(zoo, one_to
     assert run_together(batched, [Request(f"m{i}", ids, greedy(100)) for i, ids in enumerate(prompts)]) == want
 
 
+def test_mistral_graph_export_finds_the_window_and_matches_transformers(zoo, one_torch_thread):
+    """The same Mistral exported with torch.export: recognition reads the 16-token window off the graph's
+    mask, and the compiled model (kiln's grouped cache) generates transformers' tokens past it."""
+    from kiln.artifact import load_artifact
+    from kiln.compiler import CompileConfig, compile_model
+
+    model_dir, model = zoo.hf("mistral-sliding")
+    art = zoo.root / "art-mistral-sliding-pt2"
+    compile_model(zoo.graph("mistral-sliding", "pt2"), art, CompileConfig(tokenizer=model_dir))
+    spec = load_artifact(art).spec
+    assert spec.sliding_window == 16 and spec.layer_types == ("sliding", "sliding") and spec.grouped_kv
+    ids = prompt(40, 5)
+    want = model.generate(torch.tensor([ids]), max_new_tokens=60, do_sample=False, min_new_tokens=60)[0, 40:].tolist()
+    eng = Engine(art, EngineConfig(max_num_seqs=1, max_batched_tokens=32, kv_cache_memory=16 << 20))
+    out = eng.generate([Request("g", ids, greedy(60))])["g"]
+    assert [t for o in out for t in o.outputs[0].token_ids] == want
+
+
 def test_kv_sharing_map_on_the_command_line(tmp_path, one_torch_thread):
     """``kiln compile --kv-sharing MAP`` applies the map to a checkpoint whose config does not carry it."""
     from click.testing import CliRunner
