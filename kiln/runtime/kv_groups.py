@@ -22,6 +22,8 @@ needs. Blocks are reference counted, so a page stays while any sequence holds it
 
 Per step, ``begin_forward`` takes the blocks the new tokens need and builds the kernels' inputs
 (``args``: pool, page tables, slots, token rows and positions; ir/paged_kernels.py documents them).
+The bookkeeping is NumPy over one table ``[owners, rows, pages]`` (a row per live sequence), so a
+step's cost does not grow with a Python loop over its sequences.
 """
 
 from __future__ import annotations
@@ -41,14 +43,19 @@ class GroupedKVCache:
         self.P = P = config.page_size
         self.owners = [i for i, src in enumerate(spec.kv_sources) if src == i]
         self.sliding = np.array([spec.layer_types[i] == "sliding" for i in self.owners])
+        self._srows = np.nonzero(self.sliding)[0]
         self.window = int(spec.sliding_window or 0)
         self.num_blocks = config.num_pages * len(self.owners)
         self._free = list(range(self.num_blocks - 1, -1, -1))
         self._refs = np.zeros(self.num_blocks, dtype=np.int32)
-        self._tables: dict[int, np.ndarray] = {}  # seq id -> [owners, capacity] block ids, -1 where not held
-        self._len: dict[int, int] = {}
+        # owner, row (one per live sequence), absolute page -> block id; -1 where not held
+        self._table = np.full((len(self.owners), 16, 8), -1, dtype=np.int32)
+        self._rows: dict[int, int] = {}  # seq id -> row
+        self._spare = list(range(15, -1, -1))
+        self._lens = np.zeros(16, dtype=np.int64)
+        self._released = np.zeros(16, dtype=np.int64)  # sliding owners hold no page below this one
         self.live: set[int] = set()
-        self._batch: list[int] = []
+        self._batch = None
         self._keep: list = []
         self.args: list = []
         self.handle = None
@@ -62,9 +69,9 @@ class GroupedKVCache:
 
     # -- the page arithmetic the scheduler plans with ---------------------------------------------
 
-    def _kept_from(self, length: int) -> int:
+    def _kept_from(self, length):
         """First position a sliding owner keeps after a step that left the sequence at ``length``."""
-        return max(0, (length // self.P) * self.P - self.window + 1)
+        return np.maximum(0, (length // self.P) * self.P - self.window + 1)
 
     def _pages_span(self, lo: int, hi: int) -> int:
         return 0 if hi <= lo else (hi - 1) // self.P - lo // self.P + 1
@@ -80,17 +87,16 @@ class GroupedKVCache:
     def fork_point(self, parent_id: int, pos: int) -> int:
         """The position a fork of ``parent_id`` at ``pos`` can really share (<= pos; 0: none)."""
         pos = pos // self.P * self.P
-        if pos and self.sliding.any():
+        if pos and len(self._srows):
             need = max(0, pos - self.window + 1) // self.P
-            t = self._tables[parent_id][self.sliding]
-            if (t[:, need:pos // self.P] < 0).any():
+            if (self._table[self._srows, self._rows[parent_id], need:pos // self.P] < 0).any():
                 return 0
         return pos
 
     def max_sequence_tokens(self, context_len: int) -> int:
         """The longest sequence the pool can hold alone."""
-        slide = int(self.sliding.sum()) * (self._pages_span(0, self.window + self.P + self.config.prefill_chunk_size) + 1)
-        glob = int((~self.sliding).sum())
+        slide = len(self._srows) * (self._pages_span(0, self.window + self.P + self.config.prefill_chunk_size) + 1)
+        glob = len(self.owners) - len(self._srows)
         room = self.num_blocks - slide
         if room < 0:
             return 0
@@ -98,113 +104,142 @@ class GroupedKVCache:
 
     # -- KVCache protocol --------------------------------------------------------------------------
 
-    def pages_held(self, seq_id: int, length: int) -> int:
-        return int((self._tables[seq_id] >= 0).sum())  # blocks, shared ones included
-
     @property
     def num_free_pages(self) -> int:
         return len(self._free)
 
+    def pages_held(self, seq_id: int, length: int) -> int:
+        return int((self._table[:, self._rows[seq_id]] >= 0).sum())  # blocks, shared ones included
+
     def sequence_len(self, seq_id: int) -> int:
-        return self._len[seq_id]
+        return int(self._lens[self._rows[seq_id]])
+
+    def _new_row(self, seq_id: int) -> int:
+        assert seq_id not in self.live, seq_id
+        if not self._spare:  # twice the rows
+            O, R, C = self._table.shape
+            table = np.full((O, 2 * R, C), -1, dtype=np.int32)
+            table[:, :R] = self._table
+            self._table = table
+            self._lens = np.concatenate([self._lens, np.zeros(R, dtype=np.int64)])
+            self._released = np.concatenate([self._released, np.zeros(R, dtype=np.int64)])
+            self._spare = list(range(2 * R - 1, R - 1, -1))
+        row = self._spare.pop()
+        self._rows[seq_id] = row
+        self._lens[row] = self._released[row] = 0
+        self.live.add(seq_id)
+        return row
+
+    def _ensure_pages(self, pages: int) -> None:
+        O, R, C = self._table.shape
+        if pages > C:
+            table = np.full((O, R, max(pages, 2 * C)), -1, dtype=np.int32)
+            table[:, :, :C] = self._table
+            self._table = table
 
     def add_sequence(self, seq_id: int) -> None:
-        assert seq_id not in self.live, seq_id
-        self._tables[seq_id] = np.full((len(self.owners), 8), -1, dtype=np.int32)
-        self._len[seq_id] = 0
-        self.live.add(seq_id)
+        self._new_row(seq_id)
 
     def _release(self, blocks: np.ndarray) -> None:
-        for blk in blocks[blocks >= 0].tolist():
-            self._refs[blk] -= 1
-            if self._refs[blk] == 0:
-                self._free.append(blk)
+        blocks = blocks[blocks >= 0]
+        if blocks.size:
+            np.subtract.at(self._refs, blocks, 1)
+            self._free.extend(np.unique(blocks[self._refs[blocks] == 0]).tolist())
 
     def remove_sequence(self, seq_id: int) -> None:
-        self._release(self._tables.pop(seq_id).reshape(-1))
-        del self._len[seq_id]
+        row = self._rows.pop(seq_id)
+        self._release(self._table[:, row].reshape(-1))
+        self._table[:, row] = -1
+        self._spare.append(row)
         self.live.discard(seq_id)
 
     def fork_sequence(self, parent_id: int, child_id: int, fork_pos: int = -1) -> None:
         assert child_id not in self.live and parent_id in self.live
-        pos = self._len[parent_id] if fork_pos == -1 else fork_pos
+        pos = self.sequence_len(parent_id) if fork_pos == -1 else fork_pos
         if pos != self.fork_point(parent_id, pos):
             raise KilnError(f"cannot fork sequence {parent_id} at {pos}: use fork_point() (whole pages, in window)")
-        parent = self._tables[parent_id]
-        table = np.full_like(parent, -1)
+        parent = self._rows[parent_id]
+        row = self._new_row(child_id)
         npages = pos // self.P
-        table[:, :npages] = parent[:, :npages]
-        if self.sliding.any():
-            table[self.sliding, :self._kept_from(pos) // self.P] = -1
-        shared = table[table >= 0]
-        np.add.at(self._refs, shared, 1)
-        self._tables[child_id], self._len[child_id] = table, pos
-        self.live.add(child_id)
+        self._table[:, row, :npages] = self._table[:, parent, :npages]
+        if len(self._srows):
+            self._released[row] = int(self._kept_from(pos)) // self.P
+            self._table[self._srows, row, :self._released[row]] = -1
+        shared = self._table[:, row, :npages]
+        np.add.at(self._refs, shared[shared >= 0], 1)
+        self._lens[row] = pos
 
     def popn(self, seq_id: int, n: int) -> None:
-        keep = self._len[seq_id] - n
+        row = self._rows[seq_id]
+        keep = int(self._lens[row]) - n
         assert 0 <= keep
-        table = self._tables[seq_id]
-        if self.sliding.any() and (table[self.sliding, self._kept_from(keep) // self.P:-(-keep // self.P)] < 0).any():
-            raise KilnError("popn: the sliding-window pages this length needs were already released")
         first = -(-keep // self.P)
-        self._release(table[:, first:].reshape(-1))
-        table[:, first:] = -1
-        self._len[seq_id] = keep
+        if len(self._srows) and \
+                (self._table[self._srows, row, int(self._kept_from(keep)) // self.P:first] < 0).any():
+            raise KilnError("popn: the sliding-window pages this length needs were already released")
+        self._release(self._table[:, row, first:].reshape(-1))
+        self._table[:, row, first:] = -1
+        self._lens[row] = keep
 
     def _take(self, count: int) -> np.ndarray:
         if count > len(self._free):
             raise KilnError("the KV cache ran out of blocks (the scheduler plans with append_cost; this is a bug)")
-        out = np.array([self._free.pop() for _ in range(count)], dtype=np.int32)
+        out = np.array(self._free[len(self._free) - count:], dtype=np.int32)
+        del self._free[len(self._free) - count:]
         self._refs[out] = 1
         return out
 
     def begin_forward(self, seq_ids: list[int], append_lens: list[int]) -> None:
         P, O = self.P, len(self.owners)
-        n, b = sum(append_lens), len(seq_ids)
-        self._keep = []
-        maxp = max(-(-(self._len[s] + k) // P) for s, k in zip(seq_ids, append_lens))
-        pages = np.full((O, b, maxp), -1, dtype=np.int32)
-        slots = np.empty((O, n), dtype=np.int32)
-        token_seq = np.empty(n, dtype=np.int32)
-        token_pos = np.empty(n, dtype=np.int32)
-        at = 0
-        for row, (s, k) in enumerate(zip(seq_ids, append_lens)):
-            L, table = self._len[s], self._tables[s]
-            end_page = -(-(L + k) // P)
-            if table.shape[1] < end_page:
-                grown = np.full((O, max(end_page, 2 * table.shape[1])), -1, dtype=np.int32)
-                grown[:, :table.shape[1]] = table
-                table = self._tables[s] = grown
-            first_new = -(-L // P)  # pages [first_new, end_page) are new for every owner
-            if end_page > first_new:
-                table[:, first_new:end_page] = self._take(O * (end_page - first_new)).reshape(O, -1)
-            positions = np.arange(L, L + k, dtype=np.int32)
-            slots[:, at:at + k] = table[:, positions // P] * P + positions % P
-            token_seq[at:at + k] = row
-            token_pos[at:at + k] = positions
-            pages[:, row, :end_page] = table[:, :end_page]
-            self._len[s] = L + k
-            at += k
-        self._batch = seq_ids
+        b = len(seq_ids)
+        rows = np.fromiter((self._rows[s] for s in seq_ids), dtype=np.int64, count=b)
+        k = np.asarray(append_lens, dtype=np.int64)
+        L = self._lens[rows]
+        first, end = (L + P - 1) // P, (L + k + P - 1) // P  # pages [first, end) are new for every owner
+        self._ensure_pages(int(end.max()))
+        new = end - first
+        if (new <= 1).all():  # decodes and short chunks: at most one new page each, in one scatter
+            idx = np.nonzero(new)[0]
+            if idx.size:
+                self._table[:, rows[idx], first[idx]] = self._take(O * idx.size).reshape(O, idx.size)
+        else:
+            for i in np.nonzero(new)[0]:
+                self._table[:, rows[i], first[i]:end[i]] = self._take(O * int(new[i])).reshape(O, -1)
+        starts = np.cumsum(k) - k
+        token_seq = np.repeat(np.arange(b), k)
+        token_pos = np.arange(int(k.sum())) - starts[token_seq] + L[token_seq]
+        slots = self._table[:, rows[token_seq], token_pos // P] * P + token_pos % P
+        pages = self._table[:, rows, :int(end.max())]
+        self._lens[rows] = L + k
+        self._batch = rows
         if self._ffi is not None:
-            self.args = [self.pool] + [self._to_device(a) for a in (pages, slots, token_seq, token_pos)]
+            self._keep = []
+            self.args = [self.pool] + [self._to_device(a.astype(np.int32)) for a in (pages, slots, token_seq, token_pos)]
 
     def _to_device(self, a: np.ndarray):
         import torch
 
-        t = torch.from_numpy(a).to(self.device, copy=True)
+        t = torch.from_numpy(np.ascontiguousarray(a)).to(self.device, copy=True)
         self._keep.append(t)
         return self._ffi.from_dlpack(t)
 
     def end_forward(self) -> None:
         """Release the sliding owners' pages that slid out of every future query's window."""
-        if self.sliding.any():
-            for s in self._batch:
-                table = self._tables[s]
-                cut = self._kept_from(self._len[s]) // self.P
-                if cut:
-                    old = table[self.sliding, :cut]
-                    self._release(old.reshape(-1))
-                    table[np.ix_(self.sliding, np.arange(cut))] = -1
-        self._batch, self.args, self._keep = [], [], []
+        rows, self._batch, self.args, self._keep = self._batch, None, [], []
+        if rows is None or not len(self._srows):
+            return
+        cut = self._kept_from(self._lens[rows]) // self.P
+        start = self._released[rows]
+        todo = np.nonzero(cut > start)[0]
+        if not todo.size:
+            return
+        r, s, c = rows[todo], start[todo], cut[todo]
+        if (c - s == 1).all():  # decodes: one page each
+            sr = self._srows[:, None]
+            self._release(self._table[sr, r[None, :], s[None, :]].reshape(-1))
+            self._table[sr, r[None, :], s[None, :]] = -1
+        else:
+            for row, lo, hi in zip(r.tolist(), s.tolist(), c.tolist()):
+                self._release(self._table[self._srows, row, lo:hi].reshape(-1))
+                self._table[self._srows, row, lo:hi] = -1
+        self._released[r] = c

@@ -30,7 +30,7 @@ def grow(kv, seq, k):
 
 
 def held(kv, seq):
-    return (kv._tables[seq] >= 0).sum(axis=1).tolist()  # blocks per owner
+    return (kv._table[:, kv._rows[seq]] >= 0).sum(axis=1).tolist()  # blocks per owner
 
 
 def test_blocks_only_for_owners_and_sliding_pages_are_released():
@@ -93,7 +93,8 @@ def test_a_random_workload_frees_everything_and_never_overdraws():
                 kv.begin_forward(seqs, lens)
                 kv.end_forward()
         refs = {}
-        for t in kv._tables.values():
+        for row in kv._rows.values():
+            t = kv._table[:, row]
             for b in t[t >= 0].tolist():
                 refs[b] = refs.get(b, 0) + 1
         assert all(kv._refs[b] == c for b, c in refs.items()) and len(refs) + kv.num_free_pages == kv.num_blocks
