@@ -61,7 +61,7 @@ class KVCache(Protocol):
     def num_free_pages(self) -> int: ...
     # the page arithmetic the scheduler plans with (kiln/scheduler/scheduler.py)
     def append_cost(self, length: int, k: int) -> int: ...  # pages that appending k tokens takes
-    def fork_cost(self, pos: int) -> int: ...  # pages a fork at pos copies
+    def fork_cost(self, parent_id: int, pos: int) -> int: ...  # pages a fork of parent_id at pos takes
     def fork_point(self, parent_id: int, pos: int) -> int: ...  # where a fork at pos really forks (<= pos)
     def max_sequence_tokens(self, context_len: int) -> int: ...  # the longest sequence the cache holds alone
     def pages_held(self, seq_id: int, length: int) -> int: ...  # pages a sequence of length tokens holds
@@ -79,7 +79,7 @@ class UniformPages:
         p = self.config.page_size
         return -(-(length + k) // p) + (-length // p)
 
-    def fork_cost(self, pos: int) -> int:
+    def fork_cost(self, parent_id: int, pos: int) -> int:
         return 1 if pos % self.config.page_size else 0
 
     def fork_point(self, parent_id: int, pos: int) -> int:

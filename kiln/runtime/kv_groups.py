@@ -17,8 +17,11 @@ admits by the memory the sequence really takes: a 2,000-token sequence of the Ch
 map costs ``1 x 125 + 4 x 6`` blocks, not ``13 x 125``.
 
 Forks (prefix reuse, n > 1) share whole pages only: ``fork_point`` rounds the position down to a page
-boundary, and to 0 when a sliding owner of the parent no longer holds the pages the child's window
-needs. Blocks are reference counted, so a page stays while any sequence holds it.
+boundary. A fork also needs, for every sliding owner, the pages its window reads. A sliding page the
+parent released is remembered (block id and the block's allocation count): freed blocks are handed
+out oldest first, and until its block is handed out again the page still holds the parent's K/V, so a
+fork takes it back (``fork_cost`` counts those blocks). Where a needed page is gone, the fork point
+is 0. Blocks are reference counted, so a page stays while any sequence holds it.
 
 Per step, ``begin_forward`` takes the blocks the new tokens need and builds the kernels' inputs
 (``args``: pool, page tables, slots, token rows and positions; ir/paged_kernels.py documents them).
@@ -27,6 +30,8 @@ step's cost does not grow with a Python loop over its sequences.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 import numpy as np
 
@@ -46,14 +51,18 @@ class GroupedKVCache:
         self._srows = np.nonzero(self.sliding)[0]
         self.window = int(spec.sliding_window or 0)
         self.num_blocks = config.num_pages * len(self.owners)
-        self._free = list(range(self.num_blocks - 1, -1, -1))
+        self._free = deque(range(self.num_blocks))  # oldest freed first: released pages live on longest
         self._refs = np.zeros(self.num_blocks, dtype=np.int32)
+        self._gen = np.zeros(self.num_blocks, dtype=np.int64)  # times each block was handed out
         # owner, row (one per live sequence), absolute page -> block id; -1 where not held
         self._table = np.full((len(self.owners), 16, 8), -1, dtype=np.int32)
         self._rows: dict[int, int] = {}  # seq id -> row
         self._spare = list(range(15, -1, -1))
         self._lens = np.zeros(16, dtype=np.int64)
         self._released = np.zeros(16, dtype=np.int64)  # sliding owners hold no page below this one
+        # sliding owner, row, page -> the block it was released from, and that block's _gen then
+        self._ghost = np.full((len(self._srows), 16, 8), -1, dtype=np.int32)
+        self._ghost_gen = np.zeros((len(self._srows), 16, 8), dtype=np.int64)
         self.live: set[int] = set()
         self._batch = None
         self._keep: list = []
@@ -81,15 +90,29 @@ class GroupedKVCache:
         (a sliding owner too: its old pages go back at the end of the step, ``end_forward``)."""
         return len(self.owners) * (-(-(length + k) // self.P) + (-length // self.P))
 
-    def fork_cost(self, pos: int) -> int:
-        return 0  # forks share whole pages; the child's partial page is recomputed
+    def _window(self, parent_id: int, pos: int):
+        """For a fork at page boundary ``pos``: the sliding pages its window reads, as (first page, the
+        parent's blocks there, ghost blocks still intact there)."""
+        row, need = self._rows[parent_id], max(0, pos - self.window + 1) // self.P
+        held = self._table[self._srows, row, need:pos // self.P]
+        ghost = self._ghost[:, row, need:pos // self.P]
+        intact = (held < 0) & (ghost >= 0) & (self._gen[np.maximum(ghost, 0)] == self._ghost_gen[:, row, need:pos // self.P])
+        return need, held, np.where(intact, ghost, -1)
+
+    def fork_cost(self, parent_id: int, pos: int) -> int:
+        """Blocks a fork at ``fork_point(parent_id, pos)`` takes from the free ones: released sliding pages
+        it takes back (whole pages are shared, the partial page recomputed)."""
+        if parent_id not in self._rows:  # not admitted yet: nothing of it was released
+            return 0
+        pos = self.fork_point(parent_id, pos)
+        return int((self._window(parent_id, pos)[2] >= 0).sum()) if pos and len(self._srows) else 0
 
     def fork_point(self, parent_id: int, pos: int) -> int:
         """The position a fork of ``parent_id`` at ``pos`` can really share (<= pos; 0: none)."""
         pos = pos // self.P * self.P
         if pos and len(self._srows):
-            need = max(0, pos - self.window + 1) // self.P
-            if (self._table[self._srows, self._rows[parent_id], need:pos // self.P] < 0).any():
+            _, held, back = self._window(parent_id, pos)
+            if ((held < 0) & (back < 0)).any():
                 return 0
         return pos
 
@@ -123,6 +146,10 @@ class GroupedKVCache:
             self._table = table
             self._lens = np.concatenate([self._lens, np.zeros(R, dtype=np.int64)])
             self._released = np.concatenate([self._released, np.zeros(R, dtype=np.int64)])
+            S = len(self._srows)
+            ghost, ghost_gen = np.full((S, 2 * R, C), -1, dtype=np.int32), np.zeros((S, 2 * R, C), dtype=np.int64)
+            ghost[:, :R], ghost_gen[:, :R] = self._ghost, self._ghost_gen
+            self._ghost, self._ghost_gen = ghost, ghost_gen
             self._spare = list(range(2 * R - 1, R - 1, -1))
         row = self._spare.pop()
         self._rows[seq_id] = row
@@ -133,9 +160,14 @@ class GroupedKVCache:
     def _ensure_pages(self, pages: int) -> None:
         O, R, C = self._table.shape
         if pages > C:
-            table = np.full((O, R, max(pages, 2 * C)), -1, dtype=np.int32)
+            C2 = max(pages, 2 * C)
+            table = np.full((O, R, C2), -1, dtype=np.int32)
             table[:, :, :C] = self._table
             self._table = table
+            S = len(self._srows)
+            ghost, ghost_gen = np.full((S, R, C2), -1, dtype=np.int32), np.zeros((S, R, C2), dtype=np.int64)
+            ghost[:, :, :C], ghost_gen[:, :, :C] = self._ghost, self._ghost_gen
+            self._ghost, self._ghost_gen = ghost, ghost_gen
 
     def add_sequence(self, seq_id: int) -> None:
         self._new_row(seq_id)
@@ -150,6 +182,7 @@ class GroupedKVCache:
         row = self._rows.pop(seq_id)
         self._release(self._table[:, row].reshape(-1))
         self._table[:, row] = -1
+        self._ghost[:, row] = -1
         self._spare.append(row)
         self.live.discard(seq_id)
 
@@ -162,9 +195,14 @@ class GroupedKVCache:
         row = self._new_row(child_id)
         npages = pos // self.P
         self._table[:, row, :npages] = self._table[:, parent, :npages]
-        if len(self._srows):
-            self._released[row] = int(self._kept_from(pos)) // self.P
-            self._table[self._srows, row, :self._released[row]] = -1
+        if len(self._srows) and npages:
+            need, held, back = self._window(parent_id, pos)
+            self._released[row] = need
+            self._table[self._srows, row, :need] = -1
+            taken = back[back >= 0]
+            for blk in taken[self._refs[taken] == 0].tolist():  # free again: take it out of the free list
+                self._free.remove(blk)
+            self._table[self._srows, row, need:npages] = np.where(held >= 0, held, back)
         shared = self._table[:, row, :npages]
         np.add.at(self._refs, shared[shared >= 0], 1)
         self._lens[row] = pos
@@ -184,9 +222,9 @@ class GroupedKVCache:
     def _take(self, count: int) -> np.ndarray:
         if count > len(self._free):
             raise KilnError("the KV cache ran out of blocks (the scheduler plans with append_cost; this is a bug)")
-        out = np.array(self._free[len(self._free) - count:], dtype=np.int32)
-        del self._free[len(self._free) - count:]
+        out = np.fromiter((self._free.popleft() for _ in range(count)), dtype=np.int32, count=count)
         self._refs[out] = 1
+        self._gen[out] += 1
         return out
 
     def begin_forward(self, seq_ids: list[int], append_lens: list[int]) -> None:
@@ -235,11 +273,18 @@ class GroupedKVCache:
             return
         r, s, c = rows[todo], start[todo], cut[todo]
         if (c - s == 1).all():  # decodes: one page each
-            sr = self._srows[:, None]
-            self._release(self._table[sr, r[None, :], s[None, :]].reshape(-1))
-            self._table[sr, r[None, :], s[None, :]] = -1
+            self._slide_out(self._srows[:, None], r[None, :], s[None, :])
         else:
             for row, lo, hi in zip(r.tolist(), s.tolist(), c.tolist()):
-                self._release(self._table[self._srows, row, lo:hi].reshape(-1))
-                self._table[self._srows, row, lo:hi] = -1
+                self._slide_out(self._srows, row, slice(lo, hi))
         self._released[r] = c
+
+    def _slide_out(self, owners, rows, pages) -> None:
+        """Release sliding pages, remembering their blocks for forks (see the module docstring)."""
+        blocks = self._table[owners, rows, pages]
+        ghosts = (slice(None), rows, pages) if not isinstance(rows, np.ndarray) else (
+            np.arange(len(self._srows))[:, None], rows, pages)
+        self._ghost[ghosts] = blocks
+        self._ghost_gen[ghosts] = self._gen[np.maximum(blocks, 0)]
+        self._release(blocks.reshape(-1))
+        self._table[owners, rows, pages] = -1

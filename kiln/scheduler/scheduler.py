@@ -152,7 +152,7 @@ class Scheduler:
         need = self.kv.append_cost(seq.num_computed, k)
         end = seq.num_computed + k
         if seq.forks and end == len(seq.tokens):
-            need += seq.forks * self.kv.fork_cost(end)  # each child's copy of the partial last page
+            need += seq.forks * self.kv.fork_cost(seq.seq_id, end)  # each child's copy of the partial last page
         return need
 
     def _evict_one(self) -> bool:
@@ -225,9 +225,9 @@ class Scheduler:
                     parent = parent if hit else None
             k = min(len(seq.tokens) - hit, budget)
             end = hit + k
-            copy = self.kv.fork_cost(hit) if parent is not None else 0  # forking inside a page copies it
-            need = copy + self.kv.append_cost(hit, k) + (
-                seq.forks * self.kv.fork_cost(end) if seq.forks and end == len(seq.tokens) else 0)
+            copy = self.kv.fork_cost(parent, hit) if parent is not None else 0  # what the fork itself takes
+            need = copy + self.kv.append_cost(hit, k) + (  # its own n > 1 children fork from it at the end
+                seq.forks * self.kv.fork_cost(seq.seq_id, end) if seq.forks and end == len(seq.tokens) else 0)
             if not self._make_room(need, reserved):
                 break
             if parent is not None and parent not in self.cache:  # making room evicted the prefix we matched

@@ -54,7 +54,7 @@ def test_forks_share_whole_pages_within_the_window():
     kv.add_sequence(0)
     grow(kv, 0, 119)
     assert kv.fork_point(0, 119) == 112  # the page boundary below
-    assert kv.fork_point(0, 60) == 0  # its window (from 0) slid out of the parent's sliding pages
+    assert kv.fork_cost(0, 119) == 0  # its window's pages are all held
     before = kv.num_free_pages
     kv.fork_sequence(0, 1, 112)
     assert kv.num_free_pages == before and kv.sequence_len(1) == 112  # nothing copied
@@ -64,6 +64,28 @@ def test_forks_share_whole_pages_within_the_window():
     assert held(kv, 1)[0] == 7 and kv.num_free_pages < kv.num_blocks  # the child keeps the shared pages
     grow(kv, 1, 30)
     kv.remove_sequence(1)
+    assert kv.num_free_pages == kv.num_blocks
+
+
+def test_a_fork_takes_back_released_sliding_pages_until_their_blocks_are_reused():
+    kv = cache(1024)
+    kv.add_sequence(0)
+    grow(kv, 0, 160)  # the sliding owners released pages 0..5 (positions < 96)
+    assert held(kv, 0)[1] == 4
+    # a fork at 64 reads positions 1..63 (pages 0..3): released, but their blocks are still free and unused
+    assert kv.fork_point(0, 70) == 64 and kv.fork_cost(0, 70) == 4 * 4
+    before = kv.num_free_pages
+    kv.fork_sequence(0, 1, 64)
+    assert before - kv.num_free_pages == 16 and held(kv, 1) == [4, 4, 4, 4, 4]
+    grow(kv, 1, 40)
+    kv.remove_sequence(1)
+    # hand out every free block once: the released pages' blocks now hold other K/V
+    kv.add_sequence(2)
+    grow(kv, 2, (kv.num_free_pages // 5) * P)
+    assert kv.fork_point(0, 70) == 0 and kv.fork_cost(0, 70) == 0
+    assert kv.fork_point(0, 160) == 160  # the window it still holds
+    for seq in (0, 2):
+        kv.remove_sequence(seq)
     assert kv.num_free_pages == kv.num_blocks
 
 

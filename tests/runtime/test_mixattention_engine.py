@@ -125,6 +125,22 @@ def test_prefix_reuse_forks_at_a_page_and_keeps_outputs(mix, one_torch_thread):
     assert [t for o in got for t in o.outputs[0].token_ids] == ref.greedy(SPEC, W, second, 30)
 
 
+def test_a_shared_prefix_behind_the_window_is_reused(mix, one_torch_thread):
+    """Two requests share a 200-token prefix; the first goes on 38 tokens more. The second forks at 192:
+    its window (positions 129..191) slid out of the first's sliding owners, whose released blocks are
+    taken back while no other sequence was given them; only the new tokens are computed."""
+    eng = Engine(mix, EngineConfig(max_num_seqs=4, max_batched_tokens=64, kv_cache_memory=64 << 20))
+    shared = prompt(200, 21)
+    eng.generate([Request("a", shared + prompt(30, 22), greedy(8))])
+    second = shared + prompt(10, 23)
+    before = eng.stats()
+    got = eng.generate([Request("b", second, greedy(40))])["b"]
+    after = eng.stats()
+    assert got[-1].cached_tokens == 192
+    assert after.prefill_tokens_computed - before.prefill_tokens_computed == len(second) - 192
+    assert [t for o in got for t in o.outputs[0].token_ids] == ref.greedy(SPEC, W, second, 40)
+
+
 def test_inspect_reports_the_formula(mix):
     from click.testing import CliRunner
 
