@@ -102,7 +102,8 @@ def measure(workdir: Path, prompt_len: int = 2000, max_tokens: int = 100, window
     for (name, (art, spec)), n in zip(models.items(), requests):
         result[name] = {**peak_resident(art, budget, n, prompt_len, max_tokens),
                         "kv_bytes_per_token_at_prompt_len": sum(spec.kv_bytes(prompt_len).values()) // prompt_len}
-    result["ratio"] = result["mixattention"]["peak_resident_sequences"] / result["all-global"]["peak_resident_sequences"]
+    peaks = [result[m]["peak_resident_sequences"] for m in ("mixattention", "all-global")]
+    result["ratio"] = peaks[0] / peaks[1]
     if speed:  # the price of kiln's plain-loop kernels next to TVM's, side by side in one run
         for name, (art, _) in models.items():
             result[name]["decode_tok_s_at_256"] = {b: round(decode_speed(art, b)) for b in (1, 16)}

@@ -43,7 +43,8 @@ from .kv_cache import KVCacheConfig
 class GroupedKVCache:
     def __init__(self, spec, config: KVCacheConfig, device: str = "cpu", ffi=None):
         if config.page_size != GROUPED_PAGE_SIZE:
-            raise KilnError(f"this artifact's KV kernels use pages of {GROUPED_PAGE_SIZE} tokens, not {config.page_size}")
+            raise KilnError(f"this artifact's KV kernels use pages of {GROUPED_PAGE_SIZE} tokens, "
+                            f"not {config.page_size}")
         self.config, self.device, self._ffi = config, device, ffi
         self.P = P = config.page_size
         self.owners = [i for i, src in enumerate(spec.kv_sources) if src == i]
@@ -93,10 +94,10 @@ class GroupedKVCache:
     def _window(self, parent_id: int, pos: int):
         """For a fork at page boundary ``pos``: the sliding pages its window reads, as (first page, the
         parent's blocks there, ghost blocks still intact there)."""
-        row, need = self._rows[parent_id], max(0, pos - self.window + 1) // self.P
-        held = self._table[self._srows, row, need:pos // self.P]
-        ghost = self._ghost[:, row, need:pos // self.P]
-        intact = (held < 0) & (ghost >= 0) & (self._gen[np.maximum(ghost, 0)] == self._ghost_gen[:, row, need:pos // self.P])
+        row, need, end = self._rows[parent_id], max(0, pos - self.window + 1) // self.P, pos // self.P
+        held = self._table[self._srows, row, need:end]
+        ghost = self._ghost[:, row, need:end]
+        intact = (held < 0) & (ghost >= 0) & (self._gen[np.maximum(ghost, 0)] == self._ghost_gen[:, row, need:end])
         return need, held, np.where(intact, ghost, -1)
 
     def fork_cost(self, parent_id: int, pos: int) -> int:
@@ -252,7 +253,8 @@ class GroupedKVCache:
         self._batch = rows
         if self._ffi is not None:
             self._keep = []
-            self.args = [self.pool] + [self._to_device(a.astype(np.int32)) for a in (pages, slots, token_seq, token_pos)]
+            self.args = [self.pool] + [self._to_device(a.astype(np.int32))
+                                       for a in (pages, slots, token_seq, token_pos)]
 
     def _to_device(self, a: np.ndarray):
         import torch
