@@ -129,7 +129,8 @@ class Scheduler:
 
         ``parent.tokens`` already ends with the parent's sampled token; a child shares the KV of the
         prompt and continues with ``tokens[i]``. The page a fork inside a page copies was reserved when
-        the prompt's last chunk was scheduled.
+        the prompt's last chunk was scheduled; a cache that forks at whole pages only (``fork_point``)
+        leaves the child the rest of the prompt to recompute.
         """
         children = []
         pos = self.kv.fork_point(parent.seq_id, parent.num_computed)  # a child recomputes what it cannot share

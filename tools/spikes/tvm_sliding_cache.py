@@ -6,8 +6,9 @@ a sliding window's (Mistral semantics: absolute RoPE positions, each query sees 
 
 A 2-layer all-sliding model (W = 16, page 16) runs on TVM's paged cache created with
 support_sliding_window=1 and EnableSlidingWindowForSeq(seq, W, sink 0); every step's logits are compared
-with tests/mixattention_reference.py and the cache's free pages printed. (The paged pass refuses
-windows, so the composites are handed to it with window -1: the cache itself is asked to slide.)"""
+with tests/mixattention_reference.py and the cache's free pages printed. (kiln lowers windows to its own
+grouped cache, passes/paged_groups.py; here the composites go to TVM's lowering with window -1, so that
+TVM's cache itself is asked to slide.)"""
 import os
 import sys
 
@@ -28,7 +29,7 @@ W, PAGE = 16, 16
 spec = ModelSpec("spike", vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_q_heads=4,
                  num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6, context_len=512, sliding_window=W)
 mod = build_reference(spec)
-# the paged pass refuses windows: hand it window -1 composites (the cache itself slides)
+# TVM's lowering takes only window -1 composites (windows go to kiln's grouped cache): the cache itself slides
 mod = tvm.IRModule({gv: (f.with_attr("kiln.sliding_window", -1) if is_attention(f) else f) for gv, f in mod.functions_items()})
 t = resolve_target("cpu", None)
 ex = build(run_pipeline(mod, build_pipeline(t)), t)
