@@ -1,9 +1,11 @@
 """Lower a serving-form module to a target and export it as one shared library.
 
 The CPU pipeline is TVM's generic one (legalize, fuse, lower). The CUDA pipeline adds dlight
-schedules for every kernel, kiln's tensor-core matmul rule first (cuda_matmul.py); it must run where TVM's CUDA runtime loaded (kiln/ir/tvm.py preloads a
-stub driver on GPU-less hosts) so that nvcc turns the kernels into a fatbin of machine code for the
-arch; a build that would embed CUDA source instead is refused.
+schedules for every kernel: linears over a symbolic row count dispatch small counts to a low-batch
+GEMV (cuda_gemv.py), and kiln's tensor-core matmul rule (cuda_matmul.py) comes first for the rest.
+It must run where TVM's CUDA runtime loaded (kiln/ir/tvm.py preloads a stub driver on GPU-less
+hosts) so that nvcc turns the kernels into a fatbin of machine code for the arch; a build that
+would embed CUDA source instead is refused.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from ..errors import TargetError
 from ..ir.tvm import cuda_runtime_loaded, dlight, relax, tvm
 from .cpu_schedule import ScheduleCPUMatmul
+from .cuda_gemv import low_batch_specialize
 from .cuda_matmul import PASS_CONFIG as MMA_PASS_CONFIG
 from .cuda_matmul import TIR_PIPELINE as MMA_TIR_PIPELINE
 from .cuda_matmul import MatmulMMA
@@ -29,6 +32,8 @@ def _cuda_pipeline(target):
             relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),
             relax.transform.DeadCodeElimination(),
+            # symbolic-M linears: a low-batch GEMV for small n, else the GEMM below (cuda_gemv.py)
+            low_batch_specialize([MatmulMMA(), dlight.gpu.Matmul()]),
             # prefill matmuls: kiln's ldmatrix + mma.sync + cp.async rule, else dlight's (WMMA or SIMT)
             dlight.ApplyDefaultSchedule(MatmulMMA(), dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
                                         dlight.gpu.GeneralReduction(), dlight.gpu.Fallback()),

@@ -13,9 +13,8 @@ The rule applies where tensor cores pay: fp16 or bf16 inputs with fp32 accumulat
 emits half-precision linears that way), K and N static multiples of the tile, and an M that is
 symbolic or at least one block tile. Batch-1 decode has a static M of 1 and stays on dlight's GEMV.
 kiln's states are token-major ``[n, H]``, so the batched-decode linears are structurally the same
-PrimFunc as prefill's (TVM deduplicates them) and run this kernel too: one M tile covers up to 128
-sequences, so the weights are still read once per step, but a small batch fills fewer SMs than a
-GEMV would. Splitting them (a low-batch GEMV for b <= 16) is measured work for the GPU run.
+PrimFunc as prefill's (TVM deduplicates them); cuda_gemv.py puts a low-batch GEMV in front of this
+rule for small ``n``, where one 128-row tile would leave most SMs idle.
 
 Three TVM 0.27 traps are handled here (shared/notes/tensor-cores.md 3.3): CSE must be off before
 LowerWarpMemory, ``tirx.use_async_copy`` must be on or the pipeline silently gets no cp.async, and

@@ -139,6 +139,23 @@ def test_library_holds_a_cubin_for_the_arch(cuda_artifact):
 
 @needs_nvcc
 @pytest.mark.cuda_compile
+def test_symbolic_linears_dispatch_small_batches_to_a_gemv(cuda_artifact):
+    """Every linear over the token count (fused QKV, o, gate/up, down, lm_head of batch_prefill and
+    batch_decode) is one kernel per cuda_gemv.LOW_BATCH branch plus the GEMM."""
+    from kiln.codegen.cuda_gemv import LOW_BATCH
+
+    (fb,) = fatbins((cuda_artifact[2] / "model.so").read_bytes())
+    (_, _, elf), = fatbin_entries(fb)
+    kernels = {k.decode() for k in re.findall(rb"\.text\.([A-Za-z0-9_]+)", elf)}
+    last = len(LOW_BATCH)  # kernels of one PrimFunc are NAME_kernel, NAME_kernel_1, ...
+    dispatched = {k.removesuffix(f"_kernel_{last}") for k in kernels if "matmul" in k and k.endswith(f"_kernel_{last}")}
+    assert len(dispatched) >= 5, sorted(kernels)
+    for name in dispatched:
+        assert {f"{name}_kernel"} | {f"{name}_kernel_{i}" for i in range(1, last + 1)} <= kernels
+
+
+@needs_nvcc
+@pytest.mark.cuda_compile
 def test_library_holds_no_cuda_source(cuda_artifact):
     data = (cuda_artifact[2] / "model.so").read_bytes()
     # (launch-parameter tags such as "threadIdx.x" are legitimately in TVM's kernel table; not source)

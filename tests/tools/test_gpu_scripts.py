@@ -90,6 +90,9 @@ def test_collect_keeps_failures_and_derives_the_bandwidth_fraction(tmp_path):
          "prefill_tokens_per_s": 9000.0}]})
     part("hf-m", 0, {"results": {"eager": {"decode_tokens_per_s": 50.0}}, "errors": {}})
     part("demo", 1, None, log="Traceback ...\nRuntimeError: boom")
+    part("gemm", 0, {"shapes": [], "lowbatch": [
+        {"m": 4, "n": 64, "k": 32, "ok": {"mma": True, "kiln": True},
+         "us": {"mma": 2.0, "kiln": 1.0, "torch": 1.5}, "weight_GBps": {"mma": 250.0, "kiln": 500.0, "torch": 333.3}}]})
     results, logs = collect.collect(work, bundle)
     b1 = results["summary"]["kiln-m-latency"]["batch1"]
     per_token = 2 * (1000 * 1000 + 1000) + (2 * 2 * 2 * 4 * 2) * (100 + 10)
@@ -98,6 +101,9 @@ def test_collect_keeps_failures_and_derives_the_bandwidth_fraction(tmp_path):
     assert results["summary"]["hf-m"]["kiln_over_peer"] == {"batch1_over_eager": 5.0}
     assert "boom" in results["parts"]["demo"]["log_tail"] and "log_tail" not in results["parts"]["peaks"]
     assert "===== demo" in logs
+    assert results["summary"]["lowbatch"]["64x32"]["4"] == {
+        "weight_GBps": {"mma": 250.0, "kiln": 500.0, "torch": 333.3}, "fastest": "kiln", "all_ok": True,
+        "kiln_fraction_of_copy_bandwidth": 0.5}
 
 
 # -- the Python parts on the CPU ---------------------------------------------------------------------------

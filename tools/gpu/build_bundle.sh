@@ -13,6 +13,7 @@
 #   artifacts/llama-3.2-1b/      config-only, fp16, sm_90, --context-len $CONTEXT_LEN (default 4096):
 #   artifacts/llama-3-8b/          no weights (random at load time), placeholder tokenizer
 #   gemm/gemm_sm_90.so           kiln's tensor-core GEMM alone (tools/gpu/gemm.py build)
+#   gemm/lowbatch_sm_90.so,.json the Llama-3-8B linears at small m: MMA, each low-batch GEMV bucket, kiln's dispatch
 #   demo_cpu_greedy.json         the demo model's greedy tokens on this CPU (tools/gpu/demo_check.py record)
 #   bundle.json                  what was built, from which commit, with which versions, how big
 #

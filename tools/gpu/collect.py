@@ -118,6 +118,12 @@ def collect(work: Path, bundle: Path) -> tuple[dict, str]:
         summary.setdefault("gemm", {})[str(row["m"])] = {
             k: row.get(k) for k in ("ok", "kiln_tflops", "torch_tflops", "kiln_over_torch")} | (
             {"kiln_fraction_of_measured_fp16_peak": round(row["kiln_tflops"] / fp16_peak, 4)} if fp16_peak else {})
+    for row in gemm.get("lowbatch", []):  # decode-side linears: weight bytes/s per variant, and kiln's over copy
+        gbps = row["weight_GBps"]
+        cell = {"weight_GBps": gbps, "fastest": max(gbps, key=gbps.get), "all_ok": all(row["ok"].values())}
+        if copy and "kiln" in gbps:
+            cell["kiln_fraction_of_copy_bandwidth"] = round(gbps["kiln"] / copy, 4)
+        summary.setdefault("lowbatch", {}).setdefault(f"{row['n']}x{row['k']}", {})[str(row["m"])] = cell
     demo = (parts.get("demo") or {}).get("result") or {}
     if demo:
         summary["demo_greedy_match"] = {k: demo.get(k) for k in ("match", "first_mismatch", "num_tokens",

@@ -1,4 +1,4 @@
-"""kiln's tensor-core GEMM on its own: build it here, time it on the GPU against torch.matmul.
+"""kiln's linear kernels on their own: build them here, time them on the GPU against torch.matmul.
 
     python tools/gpu/gemm.py build OUT_DIR [--arch sm_90]     # on the CPU host (needs TVM + nvcc)
     python tools/gpu/gemm.py run OUT_DIR --json FILE           # on the GPU machine (TVM runtime + torch)
@@ -9,6 +9,12 @@ alone, checks it against torch (fp32 reference of the same fp16 inputs), and tim
 ``torch.matmul`` at m = 4096 (and a few prefill sizes) with CUDA events, reporting TFLOP/s of each and
 kiln's fraction of torch's (cuBLAS) speed. The fraction of the device's peak comes from run_all's
 measured matmul peak.
+
+The low-batch part (``lowbatch_<arch>.so``) is the decode side: for the Llama-3-8B linear shapes
+(``LOW_BATCH_SHAPES``) it builds the MMA GEMM alone, dlight's ``LowBatchGEMV`` at each bucket alone,
+and ``kiln`` (what the compiler emits: cuda_gemv.py's dispatch), checks each at every small m and
+times them with torch.matmul, reporting the weight's bytes per second. That table is what should set
+cuda_gemv.LOW_BATCH.
 """
 
 from __future__ import annotations
@@ -19,32 +25,92 @@ import sys
 from pathlib import Path
 
 N = K = 4096
+LOW_BATCH_SHAPES = ((4096, 4096), (28672, 4096), (4096, 14336))  # Llama-3-8B: o_proj, gate_up, down (N, K)
+LOW_BATCH_MS = (1, 2, 3, 4, 8, 12, 16, 24, 32)
 
 
-def build(out: Path, arch: str) -> Path:
-    from kiln.codegen.cuda_matmul import PASS_CONFIG, TIR_PIPELINE, MatmulMMA
-    from kiln.codegen.targets import resolve_target
-    from kiln.ir.tvm import te, tirx, tvm
+def linear(n: int, k: int):
+    """The linear as kiln's CUDA pipeline sees it: fp16 ``[1, m, k] x [n, k]^T`` -> fp16, fp32 accumulate."""
+    from kiln.ir.tvm import te, tirx
 
     i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731 — every extent int64 (shared/notes/tensor-cores.md 1.4)
     m = tirx.Var("seq_len", "int64")
-    A = te.placeholder((i64(1), m, i64(K)), "float16", name="A")
-    W = te.placeholder((i64(N), i64(K)), "float16", name="W")
-    k = te.reduce_axis((i64(0), i64(K)), name="k")
-    C = te.compute((i64(1), m, i64(N)), lambda b, i, j: te.sum(A[b, i, k].astype("float32") * W[j, k].astype("float32"),
-                                                               axis=k), name="C")
+    A = te.placeholder((i64(1), m, i64(k)), "float16", name="A")
+    W = te.placeholder((i64(n), i64(k)), "float16", name="W")
+    r = te.reduce_axis((i64(0), i64(k)), name="k")
+    C = te.compute((i64(1), m, i64(n)), lambda b, i, j: te.sum(A[b, i, r].astype("float32") * W[j, r].astype("float32"),
+                                                               axis=r), name="C")
     D = te.compute(C.shape, lambda b, i, j: C[b, i, j].astype("float16"), name="D")
-    mod = tvm.IRModule({"gemm": te.create_prim_func([A, W, D]).with_attr("global_symbol", "gemm")})
+    return te.create_prim_func([A, W, D])
+
+
+def _compile(funcs: dict, arch: str, path: Path) -> Path:
+    from kiln.codegen.cuda_matmul import PASS_CONFIG, TIR_PIPELINE
+    from kiln.codegen.targets import resolve_target
+    from kiln.ir.tvm import tvm
+
     target = resolve_target("cuda", arch).tvm_target()
     with target, tvm.transform.PassContext(config=PASS_CONFIG):
-        sch = MatmulMMA().apply(mod["gemm"], target, False)
-        if sch is None:
-            raise SystemExit("MatmulMMA refused the GEMM")
-        ex = tvm.compile(sch.mod, target=target, tir_pipeline=TIR_PIPELINE)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"gemm_{arch}.so"
+        mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
+        ex = tvm.compile(mod, target=target, tir_pipeline=TIR_PIPELINE)
+    path.parent.mkdir(parents=True, exist_ok=True)
     ex.export_library(str(path))
     return path
+
+
+def build(out: Path, arch: str) -> list[Path]:
+    from kiln.codegen.cuda_gemv import LOW_BATCH, specialize
+    from kiln.codegen.cuda_matmul import PASS_CONFIG, MatmulMMA
+    from kiln.codegen.targets import resolve_target
+    from kiln.ir.tvm import dlight, tvm
+
+    target = resolve_target("cuda", arch).tvm_target()
+
+    def scheduled(rule, func, what):
+        with target, tvm.transform.PassContext(config=PASS_CONFIG):
+            got = rule(func)
+        if got is None:
+            raise SystemExit(f"{what} refused the linear")
+        return got.with_attr("tirx.is_scheduled", True)
+
+    mma = lambda f: (s.mod["main"] if (s := MatmulMMA().apply(f, target, False)) else None)  # noqa: E731
+    paths = [_compile({"gemm": scheduled(mma, linear(N, K), "MatmulMMA")}, arch, out / f"gemm_{arch}.so")]
+    funcs = {}
+    for n, k in LOW_BATCH_SHAPES:
+        f = linear(n, k)
+        funcs[f"mma_{n}x{k}"] = scheduled(mma, f, "MatmulMMA")
+        for _, bucket in LOW_BATCH:
+            rule = dlight.gpu.LowBatchGEMV(bucket)
+            funcs[f"gemv{bucket}_{n}x{k}"] = scheduled(lambda f, r=rule: (s.mod["main"] if (s := r.apply(f, target, False))
+                                                                           else None), f, f"LowBatchGEMV({bucket})")
+        funcs[f"kiln_{n}x{k}"] = scheduled(lambda f: specialize(f, target, [MatmulMMA()]), f, "cuda_gemv.specialize")
+    paths.append(_compile(funcs, arch, out / f"lowbatch_{arch}.so"))
+    # the run side has no TVM compiler to import cuda_gemv from: it reads the variants from here
+    variants = ["mma", *(f"gemv{bucket}" for _, bucket in LOW_BATCH), "kiln"]
+    (out / f"lowbatch_{arch}.json").write_text(json.dumps({"low_batch": LOW_BATCH, "variants": variants}))
+    return paths
+
+
+def _timed(f, iters=50) -> float:
+    """Seconds per call of ``f`` on the current CUDA stream (CUDA events, after 5 warm-up calls)."""
+    import torch
+
+    for _ in range(5):
+        f()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        f()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters / 1e3
+
+
+def _check(d, a, w) -> tuple[float, float, bool]:
+    ref = a.float() @ w.float().T
+    err = (d.float() - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    return err, scale, err <= 2e-2 * max(scale, 1)
 
 
 def run(out: Path, arch: str, json_path: Path | None) -> dict:
@@ -55,7 +121,12 @@ def run(out: Path, arch: str, json_path: Path | None) -> dict:
     ffi = load_runtime("cuda")
     fn = ffi.load_module(str(out / f"gemm_{arch}.so"))["gemm"]
     gen = torch.Generator(device="cuda").manual_seed(0)
-    results = {"arch": arch, "device": torch.cuda.get_device_name(), "shapes": []}
+    results = {"arch": arch, "device": torch.cuda.get_device_name(), "shapes": [], "lowbatch": []}
+
+    def save():
+        if json_path is not None:
+            json_path.write_text(json.dumps(results, indent=1))
+
     for m in (4096, 2048, 512, 128, 17):
         a = torch.randn(1, m, K, device="cuda", dtype=torch.float16, generator=gen) * 0.1
         w = torch.randn(N, K, device="cuda", dtype=torch.float16, generator=gen) * 0.1
@@ -63,31 +134,44 @@ def run(out: Path, arch: str, json_path: Path | None) -> dict:
         args = [ffi.from_dlpack(t) for t in (a, w, d)]
         fn(*args)
         torch.cuda.synchronize()
-        ref = (a.float() @ w.float().T)
-        err = (d.float() - ref).abs().max().item()
-        scale = ref.abs().max().item()
-
-        def timed(f, iters=50):
-            for _ in range(5):
-                f()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters):
-                f()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) / iters / 1e3  # seconds
-
-        t_kiln = timed(lambda: fn(*args))
-        t_torch = timed(lambda: torch.matmul(a, w.T))
+        err, scale, ok = _check(d, a, w)
+        t_kiln = _timed(lambda: fn(*args))
+        t_torch = _timed(lambda: torch.matmul(a, w.T))
         flops = 2 * m * N * K
-        row = {"m": m, "n": N, "k": K, "max_abs_err": err, "ref_max_abs": scale, "ok": err <= 2e-2 * max(scale, 1),
+        row = {"m": m, "n": N, "k": K, "max_abs_err": err, "ref_max_abs": scale, "ok": ok,
                "kiln_tflops": flops / t_kiln / 1e12, "torch_tflops": flops / t_torch / 1e12,
                "kiln_over_torch": t_torch / t_kiln}
         results["shapes"].append(row)
         print(json.dumps(row), flush=True)
-    if json_path is not None:
-        json_path.write_text(json.dumps(results, indent=1))
+    save()
+
+    low = out / f"lowbatch_{arch}.so"
+    if not low.exists():
+        return results
+    lib = ffi.load_module(str(low))
+    info = json.loads(low.with_suffix(".json").read_text())
+    results["low_batch"] = info["low_batch"]
+    for n, k in LOW_BATCH_SHAPES:
+        w = torch.randn(n, k, device="cuda", dtype=torch.float16, generator=gen) * 0.1
+        weight_bytes = w.numel() * w.element_size()
+        names = info["variants"]
+        for m in LOW_BATCH_MS:
+            a = torch.randn(1, m, k, device="cuda", dtype=torch.float16, generator=gen) * 0.1
+            row = {"m": m, "n": n, "k": k, "us": {}, "weight_GBps": {}, "ok": {}}
+            for name in names:
+                f = lib[f"{name}_{n}x{k}"]
+                d = torch.zeros(1, m, n, device="cuda", dtype=torch.float16)
+                args = [ffi.from_dlpack(t) for t in (a, w, d)]
+                f(*args)
+                torch.cuda.synchronize()
+                row["ok"][name] = _check(d, a, w)[2]
+                t = _timed(lambda: f(*args))
+                row["us"][name], row["weight_GBps"][name] = round(t * 1e6, 2), round(weight_bytes / t / 1e9, 1)
+            t = _timed(lambda: torch.matmul(a, w.T))
+            row["us"]["torch"], row["weight_GBps"]["torch"] = round(t * 1e6, 2), round(weight_bytes / t / 1e9, 1)
+            results["lowbatch"].append(row)
+            print(json.dumps(row), flush=True)
+            save()
     return results
 
 

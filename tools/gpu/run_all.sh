@@ -91,7 +91,7 @@ run() {
         nvidia-smi) part nvidia-smi 20 nvidia-smi ;;
         peaks) part peaks 60 "$PY" tools/gpu/peaks.py --device "$DEVICE" $SMALLFLAG --out "$WORK/peaks.json" ;;
         gemm) if [ -d "$BUNDLE/gemm" ]; then
-                  part gemm 60 "$PY" tools/gpu/gemm.py run "$BUNDLE/gemm" --json "$WORK/gemm.json"
+                  part gemm 120 "$PY" tools/gpu/gemm.py run "$BUNDLE/gemm" --json "$WORK/gemm.json"
               else
                   echo '{"part": "gemm", "skipped": "the bundle has no gemm/"}' >"$WORK/gemm.status.json"
               fi ;;
