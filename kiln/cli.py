@@ -92,10 +92,14 @@ def _sharing_map(text: str | None) -> tuple[int, ...] | None:
               help="cross-layer KV sharing for a model trained with it: per layer, comma-separated, the layer whose "
                    "K/V it attends to (its own index for a KV owner), e.g. 0,1,1,3,3,3,0,7,7,9,9,9,0; overrides "
                    "the config's kv_sources")
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="cuda: the most sequences one decode step runs; the decode CUDA graphs' memory is planned for "
+                   "it and serving refuses more (--max-num-seqs)")
+@click.option("--no-cuda-graph", is_flag=True, help="cuda: launch every decode kernel from the VM (no CUDA graphs)")
 @click.option("-q", "--quiet", is_flag=True)
 @_user_errors
 def compile_cmd(model_dir, out, target, arch, dtype, context_len, dump_ir, config_only, quant, calib, tokenizer,
-                no_fuse, kv_sharing, quiet):
+                no_fuse, kv_sharing, max_batch_size, no_cuda_graph, quiet):
     """Compile MODEL_DIR into an artifact: a Hugging Face checkpoint directory, or a model graph exported with
     torch.export (.pt2) or to ONNX (.onnx), whose structure kiln recognises (needs --tokenizer)."""
     from .compiler import CompileConfig, compile_model
@@ -105,7 +109,9 @@ def compile_cmd(model_dir, out, target, arch, dtype, context_len, dump_ir, confi
                                                          context_len=context_len, dump_ir=dump_ir,
                                                          config_only=config_only, quant=quant, calib=calib,
                                                          tokenizer=tokenizer, fuse=not no_fuse,
-                                                         kv_sharing=_sharing_map(kv_sharing)),
+                                                         kv_sharing=_sharing_map(kv_sharing),
+                                                         cuda_graph=not no_cuda_graph,
+                                                         max_batch_size=max_batch_size),
                            progress)
     secs = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())
     click.echo(f"wrote {out} ({report.artifact_bytes / 1e6:.1f} MB; {secs})")

@@ -37,6 +37,8 @@ class CompileConfig:
     tokenizer: Path | None = None  # a .pt2/.onnx graph's tokenizer directory (a checkpoint directory has its own)
     fuse: bool = True  # the fusion passes (QKV, gate/up + SiLU·mul, residual add + RMSNorm)
     kv_sharing: tuple[int, ...] | None = None  # per layer, its KV source (overrides the config's kv_sources)
+    cuda_graph: bool = True  # cuda: decode steps as CUDA graphs (codegen/cuda_graph.py)
+    max_batch_size: int = 256  # cuda with graphs: most sequences in one decode step (the runner enforces it)
 
 
 @dataclass
@@ -54,6 +56,10 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
 
     # Check what the user gave before importing the TVM compiler (seconds): bad input fails fast.
     target = resolve_target(config.target, config.arch)
+    if config.max_batch_size < 1:
+        raise KilnError(f"--max-batch-size must be at least 1, got {config.max_batch_size}")
+    # the bound the decode graphs' static memory is planned for; no bound where there are no graphs
+    max_batch = config.max_batch_size if target.name == "cuda" and config.cuda_graph else None
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").exists())):
         raise KilnError(f"{out} exists and is not a kiln artifact; refusing to overwrite it")
@@ -122,7 +128,7 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
     params = apply_merges(params, layout, fusion.merges) if params is not None else None
     lap("passes")
     progress(f"building for {target.name}{' ' + target.arch if target.arch else ''}")
-    ex = build(mod, target)
+    ex = build(mod, target, max_batch_size=max_batch)
     lap("build")
 
     progress("writing the artifact")
@@ -145,7 +151,8 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
                                 "quant": scheme.name if scheme else None, "source": Path(model_dir).name,
                                 "source_format": pre.source_format if pre else
                                 GRAPH_SUFFIXES[Path(model_dir).suffix] if graph else "hf",
-                                "config_only": config.config_only},
+                                "config_only": config.config_only, "cuda_graph": max_batch is not None,
+                                "max_batch_size": max_batch},
                        tvm_versions=installed_tvm_versions())
         for f in tmp.iterdir():
             f.chmod(0o644 if f.suffix != ".so" else 0o755)

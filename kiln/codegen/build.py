@@ -17,16 +17,19 @@ from ..errors import TargetError
 from ..ir.tvm import cuda_runtime_loaded, dlight, relax, tvm
 from .cpu_schedule import ScheduleCPUMatmul
 from .cuda_gemv import low_batch_specialize
+from .cuda_graph import PASS_CONFIG as GRAPH_PASS_CONFIG
+from .cuda_graph import annotate_decode_graphs
 from .cuda_matmul import PASS_CONFIG as MMA_PASS_CONFIG
 from .cuda_matmul import TIR_PIPELINE as MMA_TIR_PIPELINE
 from .cuda_matmul import MatmulMMA
 from .targets import TargetSpec
 
 
-def _cuda_pipeline(target):
+def _cuda_pipeline(target, max_batch_size):
     @tvm.transform.module_pass(opt_level=0, name="kiln.CUDAPipeline")
     def pipeline(mod, _ctx):
-        seq = tvm.transform.Sequential([
+        graphs = [annotate_decode_graphs(max_batch_size)] if max_batch_size else []
+        seq = tvm.transform.Sequential(graphs + [
             relax.transform.FuseTransposeMatmul(),  # matmul(x, permute_dims(W)) without materialising W^T
             relax.backend.DispatchSampling(), relax.backend.DispatchSortScan(),
             relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
@@ -68,8 +71,10 @@ def _cpu_pipeline(target):
     return pipeline
 
 
-def build(mod, target: TargetSpec):
-    """Compile a serving-form IRModule; returns TVM's executable."""
+def build(mod, target: TargetSpec, max_batch_size: int | None = None):
+    """Compile a serving-form IRModule; returns TVM's executable. On CUDA, ``max_batch_size`` turns on
+    CUDA graphs for the decode steps, ``batch_decode``'s planned for at most that many sequences
+    (cuda_graph.py); None leaves every kernel launched by the VM."""
     tt = target.tvm_target()
     if target.name == "cuda":
         if shutil.which("nvcc") is None:
@@ -77,8 +82,10 @@ def build(mod, target: TargetSpec):
         if not cuda_runtime_loaded():
             raise TargetError("TVM's CUDA runtime did not load, so the build would hold CUDA source instead of "
                               "machine code; install a C compiler (for the stub driver) or a CUDA driver")
-        with tt, tvm.transform.PassContext(opt_level=3, config=MMA_PASS_CONFIG):
-            return tvm.compile(mod, target=tt, relax_pipeline=_cuda_pipeline(tt), tir_pipeline=MMA_TIR_PIPELINE)
+        config = {**MMA_PASS_CONFIG, **(GRAPH_PASS_CONFIG if max_batch_size else {})}
+        with tt, tvm.transform.PassContext(opt_level=3, config=config):
+            return tvm.compile(mod, target=tt, relax_pipeline=_cuda_pipeline(tt, max_batch_size),
+                               tir_pipeline=MMA_TIR_PIPELINE)
     return tvm.compile(mod, target=tt, relax_pipeline=_cpu_pipeline(tt))
 
 

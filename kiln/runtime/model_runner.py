@@ -130,6 +130,10 @@ class ModelRunner:
         cfg = kv_config or KVCacheConfig.for_model(self.spec.context_len, self.spec.kv_bytes_per_token)
         if cfg.prefill_chunk_size > cfg.max_total_tokens:
             raise KilnError("prefill_chunk_size must not exceed the KV cache's max_total_tokens")
+        bound = artifact.manifest.get("options", {}).get("max_batch_size")
+        if bound is not None and cfg.max_num_seqs > bound:  # its decode graphs' buffers hold that many rows
+            raise KilnError(f"{artifact.path} runs at most {bound} sequences per decode step (compiled with "
+                            f"--max-batch-size {bound}); lower --max-num-seqs from {cfg.max_num_seqs}, or recompile")
         self.kv = GroupedKVCache(self.spec, cfg, device, ffi) if self.grouped else TVMPagedKVCache(self.vm, cfg)
 
     def _load_params(self) -> list:

@@ -156,6 +156,33 @@ def test_symbolic_linears_dispatch_small_batches_to_a_gemv(cuda_artifact):
 
 @needs_nvcc
 @pytest.mark.cuda_compile
+def test_decode_steps_replay_cuda_graphs(cuda_artifact):
+    """decode and batch_decode run their kernels through captured CUDA graphs (codegen/cuda_graph.py);
+    the prefills launch theirs; the manifest records the batch bound the runner enforces."""
+    data = (cuda_artifact[2] / "model.so").read_bytes()
+    assert b"vm.builtin.cuda_graph.run_or_capture" in data
+    captured = set(re.findall(rb"([a-z_]+)_cuda_graph_capture", data))
+    assert captured == {b"decode", b"batch_decode"}, captured
+    options = json.loads((cuda_artifact[2] / "manifest.json").read_text())["options"]
+    assert options["cuda_graph"] is True and options["max_batch_size"] == 256
+
+
+@needs_nvcc
+@pytest.mark.cuda_compile
+def test_no_cuda_graph_leaves_every_launch_to_the_vm(zoo, tmp_path):
+    model_dir, _ = zoo.hf("llama")
+    out = tmp_path / "nograph"
+    proc = subprocess.run([sys.executable, "-m", "kiln.cli", "compile", str(model_dir), "-o", str(out), "-q",
+                           "--target", "cuda", "--arch", "sm_90", "--no-cuda-graph"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert b"_cuda_graph_capture" not in (out / "model.so").read_bytes()
+    options = json.loads((out / "manifest.json").read_text())["options"]
+    assert options["cuda_graph"] is False and options["max_batch_size"] is None
+
+
+@needs_nvcc
+@pytest.mark.cuda_compile
 def test_library_holds_no_cuda_source(cuda_artifact):
     data = (cuda_artifact[2] / "model.so").read_bytes()
     # (launch-parameter tags such as "threadIdx.x" are legitimately in TVM's kernel table; not source)

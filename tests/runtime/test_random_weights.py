@@ -117,3 +117,24 @@ def test_integer_layouts_get_uniform_integers(dtype):
 def test_an_unknown_dtype_is_an_artifact_error():
     with pytest.raises(ArtifactError, match="int4"):
         random_parameter("w", (4, 4), "int4", _gen(), "cpu")
+
+
+@pytest.mark.cpu
+def test_runner_refuses_more_sequences_than_the_artifact_plans_for(art, fresh_copy):
+    """A CUDA artifact with decode graphs records options.max_batch_size (its buffers hold that many rows);
+    a KV cache for more sequences is a clear error, not an overflow. The manifest is edited here to carry
+    such a bound on a CPU artifact: the check reads the manifest alone."""
+    from kiln.errors import KilnError
+    from kiln.runtime.kv_cache import KVCacheConfig
+    from kiln.runtime.model_runner import ModelRunner
+
+    copy = fresh_copy(art)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest["options"]["max_batch_size"] is None and manifest["options"]["cuda_graph"] is False
+    manifest["options"]["max_batch_size"] = 4
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    a = load_artifact(copy)
+    cfg = KVCacheConfig.for_model(a.spec.context_len, a.spec.kv_bytes_per_token, max_num_seqs=8)
+    with pytest.raises(KilnError, match="at most 4 sequences per decode step.*--max-num-seqs"):
+        ModelRunner(a, kv_config=cfg)
+    ModelRunner(a, kv_config=KVCacheConfig.for_model(a.spec.context_len, a.spec.kv_bytes_per_token, max_num_seqs=4))

@@ -10,8 +10,10 @@
 #   tvmlib/                      libtvm_runtime.so + libtvm_runtime_cuda.so (runtime only, no compiler)
 #   cudart/libcudart.so.13       used only where the GPU's Python has no CUDA runtime of its own
 #   artifacts/demo/              models/kiln-demo for cuda sm_90, fp32, with its weights
+#   artifacts/demo-nograph/      the same, --no-cuda-graph, without its params.safetensors (demo's; run_all.sh copies it)
 #   artifacts/llama-3.2-1b/      config-only, fp16, sm_90, --context-len $CONTEXT_LEN (default 4096):
 #   artifacts/llama-3-8b/          no weights (random at load time), placeholder tokenizer
+#   artifacts/llama-3.2-1b-nograph/  the same as llama-3.2-1b, --no-cuda-graph (what CUDA graphs bring)
 #   gemm/gemm_sm_90.so           kiln's tensor-core GEMM alone (tools/gpu/gemm.py build)
 #   gemm/lowbatch_sm_90.so,.json the Llama-3-8B linears at small m: MMA, each low-batch GEMV bucket, kiln's dispatch
 #   demo_cpu_greedy.json         the demo model's greedy tokens on this CPU (tools/gpu/demo_check.py record)
@@ -103,10 +105,13 @@ EOF
 
     # -- 2. artifacts ----------------------------------------------------------------------------------------
     compile demo models/kiln-demo --target cuda --arch sm_90
+    compile demo-nograph models/kiln-demo --target cuda --arch sm_90 --no-cuda-graph
     for shape in llama-3.2-1b llama-3-8b; do
         compile "$shape" "tools/gpu/configs/$shape" --config-only --target cuda --arch sm_90 --dtype float16 \
             --context-len "$CONTEXT_LEN"
     done
+    compile llama-3.2-1b-nograph tools/gpu/configs/llama-3.2-1b --config-only --target cuda --arch sm_90 \
+        --dtype float16 --context-len "$CONTEXT_LEN" --no-cuda-graph
     DEMO_SRC=models/kiln-demo
     step "building kiln's tensor-core GEMM alone (tools/gpu/gemm.py)"
     "$PY" tools/gpu/gemm.py build "$BUNDLE/gemm" --arch sm_90 >/dev/null \
@@ -128,10 +133,15 @@ for name in ("llama-3.2-1b", "llama-3-8b"):  # the real configs, shrunk: same fe
     (shapes / name / "config.json").write_text(json.dumps(cfg))
 EOF
     compile demo "$DEMO_SRC"
+    compile demo-nograph "$DEMO_SRC"  # no CUDA graphs on a CPU: the same artifact, for the same steps
     for shape in llama-3.2-1b llama-3-8b; do
         compile "$shape" "$SCRATCH/shapes/$shape" --config-only --context-len 256
     done
+    compile llama-3.2-1b-nograph "$SCRATCH/shapes/llama-3.2-1b" --config-only --context-len 256
 fi
+# demo-nograph has demo's weights: run_all.sh copies them back before using it, so they travel once
+cmp "$BUNDLE/artifacts/demo/params.safetensors" "$BUNDLE/artifacts/demo-nograph/params.safetensors"
+rm "$BUNDLE/artifacts/demo-nograph/params.safetensors"
 
 # -- 3. the CPU's greedy tokens of the demo model, for the GPU to match -----------------------------------
 if [ "$SMOKE" = 0 ]; then

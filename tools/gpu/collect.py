@@ -124,11 +124,17 @@ def collect(work: Path, bundle: Path) -> tuple[dict, str]:
         if copy and "kiln" in gbps:
             cell["kiln_fraction_of_copy_bandwidth"] = round(gbps["kiln"] / copy, 4)
         summary.setdefault("lowbatch", {}).setdefault(f"{row['n']}x{row['k']}", {})[str(row["m"])] = cell
-    demo = (parts.get("demo") or {}).get("result") or {}
-    if demo:
-        summary["demo_greedy_match"] = {k: demo.get(k) for k in ("match", "first_mismatch", "num_tokens",
-                                                                 "teacher_forced_argmax_agree",
-                                                                 "first_logits_max_abs_diff")}
+    for part, key in (("demo", "demo_greedy_match"), ("demo-nograph", "demo_nograph_greedy_match")):
+        demo = (parts.get(part) or {}).get("result") or {}
+        if demo:
+            summary[key] = {k: demo.get(k) for k in ("match", "first_mismatch", "num_tokens",
+                                                     "teacher_forced_argmax_agree", "first_logits_max_abs_diff")}
+    graphs = summary.get("kiln-llama-3.2-1b-latency", {}).get("latency", {})
+    plain = summary.get("kiln-llama-3.2-1b-nograph-latency", {}).get("latency", {})
+    if graphs and plain:  # decode with CUDA graphs over without, per batch size run by both
+        summary["cuda_graph_decode_speedup"] = {
+            b: round(graphs[b]["decode_tokens_per_s"] / plain[b]["decode_tokens_per_s"], 3)
+            for b in graphs if b in plain and plain[b]["decode_tokens_per_s"]}
     results = {"collected": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "bundle": _read_json(bundle / "bundle.json"),
                "summary": summary, "parts": parts}
     return results, "".join(logs)

@@ -10,12 +10,14 @@
 #   peaks                               copy bandwidth and bf16/fp16 matmul peak (tools/gpu/peaks.py)
 #   gemm                                kiln's tensor-core GEMM alone vs torch.matmul (tools/gpu/gemm.py)
 #   demo                                the demo model's greedy tokens on the GPU vs the CPU's (tools/gpu/demo_check.py)
+#   demo-nograph                        the same without CUDA graphs (tells a graph fault from a kernel fault)
 #   kiln-SHAPE-latency                  kiln bench: decode at batch 1..256 (random weights, seed 0)
 #   kiln-SHAPE-prefill-512, -2048       kiln bench: one prompt of 512 / 2048 tokens
 #   hf-SHAPE                            transformers peers on the same shape (tools/gpu/hf_peers.py)
 #   kiln-SHAPE-serving                  kiln bench: ShareGPT-like requests at several rates
+#   kiln-llama-3.2-1b-nograph-latency   decode again without CUDA graphs, for what they bring
 #
-# SHAPE is llama-3-8b or llama-3.2-1b; groups: all (default), base, kiln, hf, serving. After each part
+# SHAPE is llama-3-8b or llama-3.2-1b; groups: all (default), base, kiln, hf, serving, graphs. After each part
 # tools/gpu/collect.py rewrites $OUT/results.json and $OUT/logs.txt, so a run cut short keeps what it
 # finished. Parts run in the order above until KILN_GPU_DEADLINE seconds (default 560) have passed;
 # the rest are recorded as skipped (run them with a second command naming them).
@@ -95,8 +97,11 @@ run() {
               else
                   echo '{"part": "gemm", "skipped": "the bundle has no gemm/"}' >"$WORK/gemm.status.json"
               fi ;;
-        demo) part demo 90 "$PY" tools/gpu/demo_check.py check "$BUNDLE/artifacts/demo" \
-                  --expect "$BUNDLE/demo_cpu_greedy.json" --out "$WORK/demo.json" ;;
+        demo|demo-nograph)
+              [ -e "$BUNDLE/artifacts/$1/params.safetensors" ] \
+                  || cp "$BUNDLE/artifacts/demo/params.safetensors" "$BUNDLE/artifacts/$1/"  # (build_bundle.sh)
+              part "$1" 90 "$PY" tools/gpu/demo_check.py check "$BUNDLE/artifacts/$1" \
+                  --expect "$BUNDLE/demo_cpu_greedy.json" --out "$WORK/$1.json" ;;
         kiln-*-latency) local s=${1#kiln-}; s=${s%-latency}
                         bench "$1" "$s" 120 --mode latency $LATENCY --plot "$OUT/plots-$1" ;;
         kiln-*-prefill-*) local s=${1#kiln-}; s=${s%-prefill-*}; local n=${1##*-}
@@ -115,12 +120,13 @@ run() {
 expand() {  # the parts of a group, in run order
     local s
     case $1 in
-        base) echo nvidia-smi peaks gemm demo ;;
+        base) echo nvidia-smi peaks gemm demo demo-nograph ;;
         kiln) for s in $SHAPES; do echo "kiln-$s-latency"; done
               for s in $SHAPES; do echo "kiln-$s-prefill-512 kiln-$s-prefill-2048"; done ;;
         hf) for s in $SHAPES; do echo "hf-$s"; done ;;
         serving) for s in $SHAPES; do echo "kiln-$s-serving"; done ;;
-        all) expand base; expand kiln; expand hf; expand serving ;;
+        graphs) echo kiln-llama-3.2-1b-nograph-latency ;;
+        all) expand base; expand kiln; expand hf; expand serving; expand graphs ;;
         *) echo "$1" ;;
     esac
 }
