@@ -90,7 +90,9 @@ def test_collect_keeps_failures_and_derives_the_bandwidth_fraction(tmp_path):
          "prefill_tokens_per_s": 9000.0}]})
     part("hf-m", 0, {"results": {"eager": {"decode_tokens_per_s": 50.0}}, "errors": {}})
     part("demo", 1, None, log="Traceback ...\nRuntimeError: boom")
-    part("gemm", 0, {"shapes": [], "lowbatch": [
+    part("gemm", 0, {"shapes": [], "configs": [
+        {"m": 4096, "n": 64, "k": 32, "ok": {"default": True, "w2x4": True, "k64": False},
+         "tflops": {"default": 200.0, "w2x4": 250.0, "k64": 400.0}}], "lowbatch": [
         {"m": 4, "n": 64, "k": 32, "ok": {"mma": True, "kiln": True},
          "us": {"mma": 2.0, "kiln": 1.0, "torch": 1.5}, "weight_GBps": {"mma": 250.0, "kiln": 500.0, "torch": 333.3}}]})
     results, logs = collect.collect(work, bundle)
@@ -101,6 +103,8 @@ def test_collect_keeps_failures_and_derives_the_bandwidth_fraction(tmp_path):
     assert results["summary"]["hf-m"]["kiln_over_peer"] == {"batch1_over_eager": 5.0}
     assert "boom" in results["parts"]["demo"]["log_tail"] and "log_tail" not in results["parts"]["peaks"]
     assert "===== demo" in logs
+    assert results["summary"]["gemm_configs"]["4096"] == {  # k64 is fastest but wrong: not chosen
+        "best": "w2x4", "tflops": {"default": 200.0, "w2x4": 250.0, "k64": 400.0}}  # (no fp16 peak measured here)
     assert results["summary"]["lowbatch"]["64x32"]["4"] == {
         "weight_GBps": {"mma": 250.0, "kiln": 500.0, "torch": 333.3}, "fastest": "kiln", "all_ok": True,
         "kiln_fraction_of_copy_bandwidth": 0.5}

@@ -118,6 +118,12 @@ def collect(work: Path, bundle: Path) -> tuple[dict, str]:
         summary.setdefault("gemm", {})[str(row["m"])] = {
             k: row.get(k) for k in ("ok", "kiln_tflops", "torch_tflops", "kiln_over_torch")} | (
             {"kiln_fraction_of_measured_fp16_peak": round(row["kiln_tflops"] / fp16_peak, 4)} if fp16_peak else {})
+    for row in gemm.get("configs", []):  # tile configurations: the fastest correct one at each m
+        good = {k: v for k, v in row["tflops"].items() if row["ok"].get(k)}
+        if good:
+            best = max(good, key=good.get)
+            summary.setdefault("gemm_configs", {})[str(row["m"])] = {"best": best, "tflops": row["tflops"]} | (
+                {"best_fraction_of_measured_fp16_peak": round(good[best] / fp16_peak, 4)} if fp16_peak else {})
     for row in gemm.get("lowbatch", []):  # decode-side linears: weight bytes/s per variant, and kiln's over copy
         gbps = row["weight_GBps"]
         cell = {"weight_GBps": gbps, "fastest": max(gbps, key=gbps.get), "all_ok": all(row["ok"].values())}

@@ -10,6 +10,9 @@ alone, checks it against torch (fp32 reference of the same fp16 inputs), and tim
 kiln's fraction of torch's (cuBLAS) speed. The fraction of the device's peak comes from run_all's
 measured matmul peak.
 
+The tile configurations of ``MMA_CONFIGS`` are built next to the default one and timed at the large
+m, so that one run says which ``MMAConfig`` the compiler should use on this GPU.
+
 The low-batch part (``lowbatch_<arch>.so``) is the decode side: for the Llama-3-8B linear shapes
 (``LOW_BATCH_SHAPES``) it builds the MMA GEMM alone, dlight's ``LowBatchGEMV`` at each bucket alone,
 and ``kiln`` (what the compiler emits: cuda_gemv.py's dispatch), checks each at every small m and
@@ -20,6 +23,7 @@ cuda_gemv.LOW_BATCH.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -27,6 +31,16 @@ from pathlib import Path
 N = K = 4096
 LOW_BATCH_SHAPES = ((4096, 4096), (28672, 4096), (4096, 14336))  # Llama-3-8B: o_proj, gate_up, down (N, K)
 LOW_BATCH_MS = (1, 2, 3, 4, 8, 12, 16, 24, 32)
+# MMAConfig fields other than the default's (2x2 warps of 4x4 fragments, block K 32, 3 stages); none spill (ptxas -v)
+MMA_CONFIGS = {
+    "w2x4": {"warps_n": 4},                                   # 128x256 tile, 8 warps
+    "w4x2": {"warps_m": 4},                                   # 256x128 tile, 8 warps
+    "k64": {"k_chunks": 4},                                   # block K 64
+    "s4": {"stages": 4},                                      # 4-stage cp.async pipeline
+    "w2x4k64": {"warps_n": 4, "k_chunks": 4},
+    "w4x4f2": {"warps_m": 4, "warps_n": 4, "frags_m": 2},     # 128x256 tile, 16 warps of 2x4 fragments
+}
+CONFIG_MS = (4096, 2048, 512)
 
 
 def linear(n: int, k: int):
@@ -60,7 +74,7 @@ def _compile(funcs: dict, arch: str, path: Path) -> Path:
 
 def build(out: Path, arch: str) -> list[Path]:
     from kiln.codegen.cuda_gemv import LOW_BATCH, specialize
-    from kiln.codegen.cuda_matmul import PASS_CONFIG, MatmulMMA
+    from kiln.codegen.cuda_matmul import PASS_CONFIG, MatmulMMA, MMAConfig
     from kiln.codegen.targets import resolve_target
     from kiln.ir.tvm import dlight, tvm
 
@@ -73,8 +87,12 @@ def build(out: Path, arch: str) -> list[Path]:
             raise SystemExit(f"{what} refused the linear")
         return got.with_attr("tirx.is_scheduled", True)
 
-    mma = lambda f: (s.mod["main"] if (s := MatmulMMA().apply(f, target, False)) else None)  # noqa: E731
-    paths = [_compile({"gemm": scheduled(mma, linear(N, K), "MatmulMMA")}, arch, out / f"gemm_{arch}.so")]
+    mma = lambda f, cfg=MMAConfig(): (s.mod["main"] if (s := MatmulMMA(cfg).apply(f, target, False))  # noqa: E731
+                                      else None)
+    gemms = {"gemm": scheduled(mma, linear(N, K), "MatmulMMA")}
+    for name, fields in MMA_CONFIGS.items():
+        gemms[f"gemm_{name}"] = scheduled(lambda f, c=MMAConfig(**fields): mma(f, c), linear(N, K), f"MatmulMMA {name}")
+    paths = [_compile(gemms, arch, out / f"gemm_{arch}.so")]
     funcs = {}
     for n, k in LOW_BATCH_SHAPES:
         f = linear(n, k)
@@ -121,7 +139,7 @@ def run(out: Path, arch: str, json_path: Path | None) -> dict:
     ffi = load_runtime("cuda")
     fn = ffi.load_module(str(out / f"gemm_{arch}.so"))["gemm"]
     gen = torch.Generator(device="cuda").manual_seed(0)
-    results = {"arch": arch, "device": torch.cuda.get_device_name(), "shapes": [], "lowbatch": []}
+    results = {"arch": arch, "device": torch.cuda.get_device_name(), "shapes": [], "configs": [], "lowbatch": []}
 
     def save():
         if json_path is not None:
@@ -145,6 +163,23 @@ def run(out: Path, arch: str, json_path: Path | None) -> dict:
         print(json.dumps(row), flush=True)
     save()
 
+    lib = ffi.load_module(str(out / f"gemm_{arch}.so"))
+    for m in CONFIG_MS:  # every tile configuration, checked and timed on the same inputs
+        a = torch.randn(1, m, K, device="cuda", dtype=torch.float16, generator=gen) * 0.1
+        w = torch.randn(N, K, device="cuda", dtype=torch.float16, generator=gen) * 0.1
+        row = {"m": m, "n": N, "k": K, "tflops": {}, "ok": {}}
+        for name in ["default", *MMA_CONFIGS]:
+            f = lib["gemm" if name == "default" else f"gemm_{name}"]
+            d = torch.zeros(1, m, N, device="cuda", dtype=torch.float16)
+            args = [ffi.from_dlpack(t) for t in (a, w, d)]
+            f(*args)
+            torch.cuda.synchronize()
+            row["ok"][name] = _check(d, a, w)[2]
+            row["tflops"][name] = round(2 * m * N * K / _timed(lambda: f(*args)) / 1e12, 1)
+        results["configs"].append(row)
+        print(json.dumps(row), flush=True)
+        save()
+
     low = out / f"lowbatch_{arch}.so"
     if not low.exists():
         return results
@@ -152,22 +187,26 @@ def run(out: Path, arch: str, json_path: Path | None) -> dict:
     info = json.loads(low.with_suffix(".json").read_text())
     results["low_batch"] = info["low_batch"]
     for n, k in LOW_BATCH_SHAPES:
-        w = torch.randn(n, k, device="cuda", dtype=torch.float16, generator=gen) * 0.1
-        weight_bytes = w.numel() * w.element_size()
+        # as in a decode step, the weight comes from HBM: successive calls cycle through copies that
+        # together exceed the L2 cache (50 MiB on an H200) several times over
+        weight_bytes = n * k * 2
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.float16, generator=gen) * 0.1
+              for _ in range(max(1, -(-(256 << 20) // weight_bytes)))]
         names = info["variants"]
         for m in LOW_BATCH_MS:
             a = torch.randn(1, m, k, device="cuda", dtype=torch.float16, generator=gen) * 0.1
-            row = {"m": m, "n": n, "k": k, "us": {}, "weight_GBps": {}, "ok": {}}
+            row = {"m": m, "n": n, "k": k, "weight_copies": len(ws), "us": {}, "weight_GBps": {}, "ok": {}}
             for name in names:
                 f = lib[f"{name}_{n}x{k}"]
                 d = torch.zeros(1, m, n, device="cuda", dtype=torch.float16)
-                args = [ffi.from_dlpack(t) for t in (a, w, d)]
-                f(*args)
+                calls = itertools.cycle([[ffi.from_dlpack(t) for t in (a, w, d)] for w in ws])
+                f(*next(calls))
                 torch.cuda.synchronize()
-                row["ok"][name] = _check(d, a, w)[2]
-                t = _timed(lambda: f(*args))
+                row["ok"][name] = _check(d, a, ws[0])[2]
+                t = _timed(lambda: f(*next(calls)))
                 row["us"][name], row["weight_GBps"][name] = round(t * 1e6, 2), round(weight_bytes / t / 1e9, 1)
-            t = _timed(lambda: torch.matmul(a, w.T))
+            mats = itertools.cycle(ws)
+            t = _timed(lambda: torch.matmul(a, next(mats).T))
             row["us"]["torch"], row["weight_GBps"]["torch"] = round(t * 1e6, 2), round(weight_bytes / t / 1e9, 1)
             results["lowbatch"].append(row)
             print(json.dumps(row), flush=True)
