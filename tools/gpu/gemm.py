@@ -13,6 +13,10 @@ measured matmul peak.
 The tile configurations of ``MMA_CONFIGS`` are built next to the default one and timed at the large
 m, so that one run says which ``MMAConfig`` the compiler should use on this GPU.
 
+kiln's wgmma GEMM for sm_90a (``kiln/codegen/cuda_wgmma.py``, not in the compiler yet) is built as a
+cubin and launched through the CUDA driver API (ctypes, no TVM): checked against torch and timed at the
+same m, it says whether embedding it beats the mma.sync GEMM.
+
 The low-batch part (``lowbatch_<arch>.so``) is the decode side: for the Llama-3-8B linear shapes
 (``LOW_BATCH_SHAPES``) it builds the MMA GEMM alone, dlight's ``LowBatchGEMV`` at each bucket alone,
 and ``kiln`` (what the compiler emits: cuda_gemv.py's dispatch), checks each at every small m and
@@ -103,6 +107,9 @@ def build(out: Path, arch: str) -> list[Path]:
                                                                            else None), f, f"LowBatchGEMV({bucket})")
         funcs[f"kiln_{n}x{k}"] = scheduled(lambda f: specialize(f, target, [MatmulMMA()]), f, "cuda_gemv.specialize")
     paths.append(_compile(funcs, arch, out / f"lowbatch_{arch}.so"))
+    from kiln.codegen.cuda_wgmma import build_cubin
+
+    paths.append(build_cubin(out / "wgmma_sm_90a.cubin"))
     # the run side has no TVM compiler to import cuda_gemv from: it reads the variants from here
     variants = ["mma", *(f"gemv{bucket}" for _, bucket in LOW_BATCH), "kiln"]
     (out / f"lowbatch_{arch}.json").write_text(json.dumps({"low_batch": LOW_BATCH, "variants": variants}))
@@ -180,6 +187,27 @@ def run(out: Path, arch: str, json_path: Path | None) -> dict:
         print(json.dumps(row), flush=True)
         save()
 
+    wgmma = out / "wgmma_sm_90a.cubin"
+    if wgmma.exists():
+        results["wgmma"] = []
+        from kiln.codegen.cuda_wgmma import KERNEL, WgmmaConfig  # (plain Python: no TVM needed)
+
+        cfg = WgmmaConfig()
+        launch = _driver_kernel(wgmma, KERNEL, smem=cfg.smem_bytes)
+        for m in CONFIG_MS + (17,):
+            a = torch.randn(1, m, K, device="cuda", dtype=torch.float16, generator=gen) * 0.1
+            w = torch.randn(N, K, device="cuda", dtype=torch.float16, generator=gen) * 0.1
+            d = torch.zeros(1, m, N, device="cuda", dtype=torch.float16)
+            call = lambda: launch((N // cfg.bn, -(-m // cfg.bm)), cfg.threads, a, w, d, m, N, K)  # noqa: E731, B023
+            call()
+            torch.cuda.synchronize()
+            err, scale, ok = _check(d, a, w)
+            row = {"m": m, "n": N, "k": K, "ok": ok, "max_abs_err": err, "ref_max_abs": scale,
+                   "tflops": round(2 * m * N * K / _timed(call) / 1e12, 1)}
+            results["wgmma"].append(row)
+            print(json.dumps({"wgmma": row}), flush=True)
+            save()
+
     low = out / f"lowbatch_{arch}.so"
     if not low.exists():
         return results
@@ -212,6 +240,37 @@ def run(out: Path, arch: str, json_path: Path | None) -> dict:
             print(json.dumps(row), flush=True)
             save()
     return results
+
+
+def _driver_kernel(cubin: Path, name: str, smem: int):
+    """``launch(grid, threads, *args)`` for kernel ``name`` of ``cubin``, through libcuda (ctypes): torch
+    tensors pass their device pointer, ints pass as int32. Runs on the current torch stream."""
+    import ctypes
+
+    import torch
+
+    torch.cuda.init()
+    torch.zeros(1, device="cuda")  # the primary context is current from here on
+    cuda = ctypes.CDLL("libcuda.so.1")
+
+    def check(rc, what):
+        if rc != 0:
+            raise RuntimeError(f"{what} failed with CUresult {rc}")
+
+    module, fn = ctypes.c_void_p(), ctypes.c_void_p()
+    data = cubin.read_bytes()
+    check(cuda.cuModuleLoadData(ctypes.byref(module), ctypes.c_char_p(data)), "cuModuleLoadData")
+    check(cuda.cuModuleGetFunction(ctypes.byref(fn), module, name.encode()), "cuModuleGetFunction")
+    check(cuda.cuFuncSetAttribute(fn, 8, ctypes.c_int(smem)), "cuFuncSetAttribute")  # MAX_DYNAMIC_SHARED_SIZE_BYTES
+
+    def launch(grid, threads, *args):
+        vals = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
+        ptrs = (ctypes.c_void_p * len(vals))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in vals])
+        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        check(cuda.cuLaunchKernel(fn, grid[0], grid[1], 1, threads, 1, 1, smem, stream, ptrs, None), "cuLaunchKernel")
+
+    launch.module = module  # keep it loaded
+    return launch
 
 
 def main() -> None:
