@@ -239,6 +239,34 @@ def test_kv_sharing_map_on_the_command_line(tmp_path, one_torch_thread):
     assert [t for o in out for t in o.outputs[0].token_ids] == ref.greedy(SPEC, W, ids, 90)
 
 
+def test_quantized_mixattention_matches_its_dequantized_reference(tmp_path, one_torch_thread):
+    """``--quant rtn-w4g128`` on the MixAttention model: the sharing layers keep no K/V projection
+    (packed or not), and greedy tokens past the window equal the PyTorch reference run with every
+    quantized linear replaced by its dequantized weight."""
+    from safetensors.torch import load_file
+
+    from conftest import unfuse_params
+    from kiln.artifact import load_artifact
+    from kiln.compiler import CompileConfig, compile_model
+    from kiln.quant.schemes import dequantize_linear, quantized_linears
+
+    ref.save_checkpoint(SPEC, W, tmp_path / "ck")
+    save_tokenizer(tmp_path / "ck", SPEC.vocab_size)
+    compile_model(tmp_path / "ck", tmp_path / "art", CompileConfig(quant="rtn-w4g128"))
+    art = load_artifact(tmp_path / "art")
+    assert art.spec.kv_sources == ref.CHARACTER_AI_SOURCES
+    assert not {n for n in art.param_names if n.startswith(("layers.2.k", "layers.2.v", "layers.2.qkv"))}
+    qparams = unfuse_params(load_file(str(art.params_file)), art.spec)
+    wq = dict(W)
+    for name in quantized_linears(SPEC):
+        if name in W:  # (the sharing layers' K/V are not in the checkpoint)
+            wq[name] = dequantize_linear(qparams, name, "rtn-w4g128")
+    ids = prompt(90, 2)
+    out = Engine(art.path, EngineConfig(max_num_seqs=2, max_batched_tokens=64)).generate(
+        [Request("q", ids, greedy(120))])["q"]
+    assert [t for o in out for t in o.outputs[0].token_ids] == ref.greedy(SPEC, wq, ids, 120)
+
+
 def test_a_graph_with_kv_sharing_is_refused_in_one_line(tmp_path):
     from click.testing import CliRunner
 
