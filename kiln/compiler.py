@@ -123,6 +123,12 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
     fusion = Fusion(layout, scheme.group_size if scheme else None)
     mod = run_pipeline(mod, build_pipeline(target, config.keep_reference, fusion, config.fuse, spec.kv_sources),
                        config.dump_ir)
+    # the pass chose the cache from the IR (passes/paged_groups.needs_groups), the runtime will from the spec
+    from .ir.abi import entry_points
+
+    want = set(entry_points(spec.grouped_kv))
+    assert want <= {gv.name_hint for gv in mod.get_global_vars()}, f"serving form lacks {want}: the IR and the " \
+        "spec disagree on the KV cache"
     # the fusion passes merged weights and share_kv dropped some: make them, in the new layout
     layout = fusion.layout
     params = apply_merges(params, layout, fusion.merges) if params is not None else None
