@@ -94,7 +94,8 @@ def test_collect_keeps_failures_and_derives_the_bandwidth_fraction(tmp_path):
         {"m": 4096, "n": 64, "k": 32, "ok": {"default": True, "w2x4": True, "k64": False},
          "tflops": {"default": 200.0, "w2x4": 250.0, "k64": 400.0}}], "lowbatch": [
         {"m": 4, "n": 64, "k": 32, "ok": {"mma": True, "kiln": True},
-         "us": {"mma": 2.0, "kiln": 1.0, "torch": 1.5}, "weight_GBps": {"mma": 250.0, "kiln": 500.0, "torch": 333.3}}]})
+         "us": {"mma": 2.0, "kiln": 1.0, "torch": 1.5}, "weight_GBps": {"mma": 250.0, "kiln": 500.0, "torch": 333.3}}],
+        "wgmma": [{"m": 4096, "n": 64, "k": 32, "ok": True, "tflops": 500.0}]})
     results, logs = collect.collect(work, bundle)
     b1 = results["summary"]["kiln-m-latency"]["batch1"]
     per_token = 2 * (1000 * 1000 + 1000) + (2 * 2 * 2 * 4 * 2) * (100 + 10)
@@ -108,6 +109,12 @@ def test_collect_keeps_failures_and_derives_the_bandwidth_fraction(tmp_path):
     assert results["summary"]["lowbatch"]["64x32"]["4"] == {
         "weight_GBps": {"mma": 250.0, "kiln": 500.0, "torch": 333.3}, "fastest": "kiln", "all_ok": True,
         "kiln_fraction_of_copy_bandwidth": 0.5}
+    assert results["summary"]["wgmma"]["4096"] == {"ok": True, "tflops": 500.0, "over_best_mma": 2.0}
+    md = load_tool("tables").tables(results)  # every table renders; the measured cells are filled
+    assert "| 4096 | 200.0 | 250.0 | 400.0 | w2x4 |" in md  # tile configurations, fastest correct one
+    assert "| 4096 | 500.0 | True |  | 2.00x |" in md  # wgmma (no fp16 peak in this run: no fraction)
+    assert "| 64x32 | 4 | 250 | 500 | 333 | 50.0% | True |" in md
+    assert "Failed: demo." in md
 
 
 # -- the Python parts on the CPU ---------------------------------------------------------------------------
@@ -176,6 +183,10 @@ def test_run_all_on_a_cpu_smoke_bundle(tmp_path):
     assert parts["kiln-llama-3.2-1b-serving"]["result"]["serving"]
     assert parts["hf-llama-3-8b"]["result"]["results"]["eager"]["decode_tokens_per_s"] > 0
     assert "exit 0" in res.stdout
+    md = (out / "tables.md").read_text()  # BENCHMARKS.md's tables, filled from this run
+    row = next(line for line in md.splitlines() if line.startswith("| Llama-3-8B | ") and "%" in line)
+    assert row.split(" | ")[1].replace(",", "").replace(".", "").isdigit(), row  # batch-1 decode tokens/s
+    assert "| with CUDA graphs | True |" in md and "| without | True |" in md
     files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) <= 8, files
     for f in files:

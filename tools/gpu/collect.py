@@ -124,6 +124,14 @@ def collect(work: Path, bundle: Path) -> tuple[dict, str]:
             best = max(good, key=good.get)
             summary.setdefault("gemm_configs", {})[str(row["m"])] = {"best": best, "tflops": row["tflops"]} | (
                 {"best_fraction_of_measured_fp16_peak": round(good[best] / fp16_peak, 4)} if fp16_peak else {})
+    for row in gemm.get("wgmma", []):  # the sm_90a wgmma GEMM against the best mma.sync configuration
+        cell = {"ok": row["ok"], "tflops": row["tflops"]}
+        if fp16_peak:
+            cell["fraction_of_measured_fp16_peak"] = round(row["tflops"] / fp16_peak, 4)
+        best = summary.get("gemm_configs", {}).get(str(row["m"]))
+        if best and best["tflops"].get(best["best"]):
+            cell["over_best_mma"] = round(row["tflops"] / best["tflops"][best["best"]], 3)
+        summary.setdefault("wgmma", {})[str(row["m"])] = cell
     for row in gemm.get("lowbatch", []):  # decode-side linears: weight bytes/s per variant, and kiln's over copy
         gbps = row["weight_GBps"]
         cell = {"weight_GBps": gbps, "fastest": max(gbps, key=gbps.get), "all_ok": all(row["ok"].values())}
@@ -156,6 +164,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "logs.txt").write_text(logs)
+    from tables import tables  # (tools/gpu/, this script's directory)
+
+    (args.out / "tables.md").write_text(tables(results) + "\n")
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@
 #   kiln-llama-3.2-1b-nograph-latency   decode again without CUDA graphs, for what they bring
 #
 # SHAPE is llama-3-8b or llama-3.2-1b; groups: all (default), base, kiln, hf, serving, graphs. After each part
-# tools/gpu/collect.py rewrites $OUT/results.json and $OUT/logs.txt, so a run cut short keeps what it
-# finished. Parts run in the order above until KILN_GPU_DEADLINE seconds (default 560) have passed;
-# the rest are recorded as skipped (run them with a second command naming them).
+# tools/gpu/collect.py rewrites $OUT/results.json, $OUT/logs.txt and $OUT/tables.md (BENCHMARKS.md's tables,
+# tools/gpu/tables.py), so a run cut short keeps what it finished. Parts run in the order above until
+# KILN_GPU_DEADLINE seconds (default 560) have passed; the rest are recorded as skipped (run them with a
+# second command naming them).
 #
 # Environment: OUT (results folder; default out/gpu), KILN_GPU_BUNDLE (default gpu_bundle),
 # KILN_GPU_DEVICE (cuda; cpu for a smoke test with a bundle from `build_bundle.sh --smoke`),
@@ -102,6 +103,8 @@ run() {
                   || cp "$BUNDLE/artifacts/demo/params.safetensors" "$BUNDLE/artifacts/$1/"  # (build_bundle.sh)
               part "$1" 90 "$PY" tools/gpu/demo_check.py check "$BUNDLE/artifacts/$1" \
                   --expect "$BUNDLE/demo_cpu_greedy.json" --out "$WORK/$1.json" ;;
+        kiln-*-nograph-latency) local s=${1#kiln-}; s=${s%-latency}  # (no plot: $OUT returns 8 files at most)
+                                bench "$1" "$s" 120 --mode latency $LATENCY ;;
         kiln-*-latency) local s=${1#kiln-}; s=${s%-latency}
                         bench "$1" "$s" 120 --mode latency $LATENCY --plot "$OUT/plots-$1" ;;
         kiln-*-prefill-*) local s=${1#kiln-}; s=${s%-prefill-*}; local n=${1##*-}
