@@ -58,8 +58,6 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
     target = resolve_target(config.target, config.arch)
     if config.max_batch_size < 1:
         raise KilnError(f"--max-batch-size must be at least 1, got {config.max_batch_size}")
-    # the bound the decode graphs' static memory is planned for; no bound where there are no graphs
-    max_batch = config.max_batch_size if target.name == "cuda" and config.cuda_graph else None
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").exists())):
         raise KilnError(f"{out} exists and is not a kiln artifact; refusing to overwrite it")
@@ -134,6 +132,10 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
     params = apply_merges(params, layout, fusion.merges) if params is not None else None
     lap("passes")
     progress(f"building for {target.name}{' ' + target.arch if target.arch else ''}")
+    # the bound the decode graphs' static memory is planned for; none where there are no decode graphs (the
+    # CPU, --no-cuda-graph, and the grouped cache's serving form, which has no decode entry point)
+    max_batch = config.max_batch_size if target.name == "cuda" and config.cuda_graph and not spec.grouped_kv \
+        else None
     ex = build(mod, target, max_batch_size=max_batch)
     lap("build")
 

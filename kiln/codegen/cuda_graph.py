@@ -14,7 +14,8 @@ scheduler runs, captured lazily) and an upper bound (``tir_var_upper_bound``) so
 planned statically, at the bound. Past the bound the planned buffers would overflow, so the bound is
 recorded in the manifest (``options.max_batch_size``) and the model runner refuses a KV cache with
 more sequences than that. Prefill functions stay uncaptured: a graph per chunk length would not be
-reused.
+reused (so a model on the grouped KV cache, whose serving form has only ``batch_prefill``, gets no
+graphs and no bound).
 
 Invariant: only function attributes change; the computation is the same, and a function that is not
 ``batch_decode`` is untouched.

@@ -293,7 +293,11 @@ def test_cuda_build_holds_the_grouped_kernels_as_machine_code(tmp_path):
     lib = (tmp_path / "art" / "model.so").read_bytes()
     assert (0xBA55ED50).to_bytes(4, "little") in lib  # a fatbin (codegen/build.py refuses CUDA source)
     assert b"kv_attention_o1_w64" in lib and b"kv_append_o0" in lib and b"__global__" not in lib
-    assert load_artifact(tmp_path / "art").spec.grouped_kv
+    art = load_artifact(tmp_path / "art")
+    assert art.spec.grouped_kv
+    # no decode entry point, so no decode graphs and no batch bound (codegen/cuda_graph.py)
+    assert art.manifest["options"]["cuda_graph"] is False and art.manifest["options"]["max_batch_size"] is None
+    assert b"_cuda_graph_capture" not in lib
 
 
 def test_n_choices_fork_at_a_page_and_recompute_the_rest(mix, one_torch_thread):
