@@ -117,6 +117,11 @@ def test_collect_keeps_failures_and_derives_the_bandwidth_fraction(tmp_path):
     assert "Failed: demo." in md
 
 
+def test_tables_render_an_empty_run_with_empty_cells():
+    md = load_tool("tables").tables({})
+    assert md.count("| Llama-3-8B |") == 5 and "| Llama-3-8B |  |  |  |  |" in md  # every table, no value
+
+
 # -- the Python parts on the CPU ---------------------------------------------------------------------------
 
 
