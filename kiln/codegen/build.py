@@ -22,6 +22,7 @@ from .cuda_graph import annotate_decode_graphs
 from .cuda_matmul import PASS_CONFIG as MMA_PASS_CONFIG
 from .cuda_matmul import TIR_PIPELINE as MMA_TIR_PIPELINE
 from .cuda_matmul import MatmulMMA
+from .cuda_wgmma import WgmmaLinear, attach_kernels
 from .targets import TargetSpec
 
 
@@ -35,8 +36,9 @@ def _cuda_pipeline(target, max_batch_size):
             relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),
             relax.transform.DeadCodeElimination(),
-            # symbolic-M linears: a low-batch GEMV for small n, else the GEMM below (cuda_gemv.py)
-            low_batch_specialize([MatmulMMA(), dlight.gpu.Matmul()]),
+            # symbolic-M linears: a low-batch GEMV for small n, else a GEMM: kiln's wgmma kernel where the arch
+            # has it (cuda_wgmma.py, its cubin attached to the module), else the rules below (cuda_gemv.py)
+            low_batch_specialize([WgmmaLinear(), MatmulMMA(), dlight.gpu.Matmul()]), attach_kernels(),
             # prefill matmuls: kiln's ldmatrix + mma.sync + cp.async rule, else dlight's (WMMA or SIMT)
             dlight.ApplyDefaultSchedule(MatmulMMA(), dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
                                         dlight.gpu.GeneralReduction(), dlight.gpu.Fallback()),

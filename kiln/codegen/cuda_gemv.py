@@ -43,7 +43,9 @@ def _schedule(rule, func, target):
     sch = rule.apply(func, target, False)
     if isinstance(sch, list):
         sch = sch[0] if sch else None
-    return None if sch is None else sch.mod["main"]
+    if sch is None or isinstance(sch, tirx.PrimFunc):  # (a rule may return the finished function itself)
+        return sch
+    return sch.mod["main"]
 
 
 def specialize(func, target, large_rules, low_batch=LOW_BATCH):
@@ -69,7 +71,8 @@ def specialize(func, target, large_rules, low_batch=LOW_BATCH):
         cond = tirx.op.tvm_thread_invariant(n <= limit)
         body = tirx.IfThenElse(cond, low.body, body)
     body = SBlockRealize([], True, SBlock([], [], [], "root", body))
-    return func.with_body(body).with_attr("tirx.is_scheduled", True)
+    kept = {k: v for k, v in (large.attrs or {}).items() if k.startswith("kiln.")}  # e.g. an external kernel's name
+    return func.with_body(body).with_attrs({"tirx.is_scheduled": True, **kept})
 
 
 def low_batch_specialize(large_rules, low_batch=LOW_BATCH):

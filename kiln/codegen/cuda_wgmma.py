@@ -5,10 +5,14 @@ Hopper's warpgroup MMA. This module writes kiln's own CUDA kernel for the prefil
 
     D[m, N] = A[m, K] @ W[N, K]^T        fp16 in, fp32 accumulate, fp16 out, m any, N % BN == K % BK == 0
 
-and compiles it with nvcc to a cubin. It is not in the compiler's pipeline yet: ``tools/gpu/gemm.py``
-checks it against torch and times it next to the mma.sync GEMM, and only a GPU run that shows it
-correct and faster justifies embedding it in artifacts (shared/notes/tensor-cores.md section 5b
-has the ``external_mods`` route).
+(and ``D = fp16(A @ W^T) + R``, the residual epilogue TVM fuses into o_proj and down_proj) and compiles
+it with nvcc to a cubin. In the compiler it serves the targets whose ``CudaArch`` says ``wgmma``
+(``--arch sm_90a``; sm_90 stays on mma.sync): ``WgmmaLinear`` turns a fused linear that
+``match_linear`` recognises into a host function launching the kernel (the large-count branch of
+cuda_gemv.py's dispatch), and ``attach_kernels`` puts the cubin in the IRModule's ``external_mods``,
+so it travels inside model.so. It has not run on a GPU yet: ``tools/gpu/gemm.py`` checks it against
+torch and times it next to the mma.sync GEMM, ``tools/gpu/same_logits.py`` compares an sm_90a
+artifact's logits with the sm_90 one's; until those pass, sm_90 is the default arch.
 
 The kernel. A block of two warpgroups (256 threads) computes a BM x BN = 128 x 256 tile; warpgroup
 ``g`` owns rows ``64 g .. 64 g + 63`` and issues ``wgmma.mma_async.m64n256k16`` with both operands in
@@ -24,8 +28,9 @@ commit and wait. The accumulator fragment of thread ``t`` (warp ``w``, lane ``l`
 ``i``, row ``16 w + l / 4 + 8 ((i / 2) % 2)`` and column ``8 (i / 4) + 2 (l % 4) + i % 2``; the epilogue
 stores them as half2 pairs, guarded by ``row < m``.
 
-Invariant: for every m >= 0, D equals the fp32-accumulated product rounded to fp16, rows >= m untouched
-(checked on the GPU by gemm.py against torch; here only the PTX and SASS are checked).
+Invariant: for every m >= 0, D equals the fp32-accumulated product rounded to fp16 (plus R), rows >= m
+untouched (checked on the GPU by gemm.py against torch; here the SASS and the host launch are checked);
+``match_linear`` accepts only functions that compute exactly that.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 KERNEL = "kiln_wgmma_gemm_f16"
+KERNEL_ADD = "kiln_wgmma_gemm_f16_add"  # D = fp16(A @ W^T) + R, the residual epilogue TVM fuses into o/down
 
 
 @dataclass(frozen=True)
@@ -89,8 +95,9 @@ __device__ __forceinline__ void kiln_wgmma(float* d, uint64_t da, uint64_t db) {
 // tile row r (128 bytes), 16-byte chunk c -> byte offset in the swizzled tile
 __device__ __forceinline__ uint32_t kiln_swz(int r, int c) {{ return r * 128 + ((c ^ (r & 7)) << 4); }}
 
-extern "C" __global__ void __launch_bounds__({threads}, 1)
-{KERNEL}(const half* __restrict__ A, const half* __restrict__ W, half* __restrict__ D, int M, int N, int K) {{
+template <bool kResidual>
+__device__ __forceinline__ void kiln_wgmma_gemm(const half* __restrict__ A, const half* __restrict__ W,
+                                                const half* __restrict__ R, half* __restrict__ D, int M, int N, int K) {{
   extern __shared__ __align__(1024) unsigned char kiln_smem[];
   uint32_t base = (uint32_t)__cvta_generic_to_shared(kiln_smem);
   base = (base + 1023) & ~1023u;
@@ -142,8 +149,23 @@ extern "C" __global__ void __launch_bounds__({threads}, 1)
   for (int i = 0; i < {regs}; i += 2) {{
     const int row = m0 + wg * 64 + warp * 16 + lane / 4 + 8 * ((i / 2) % 2);
     const int col = n0 + 8 * (i / 4) + 2 * (lane % 4);
-    if (row < M) *reinterpret_cast<half2*>(D + (size_t)row * N + col) = __floats2half2_rn(d[i], d[i + 1]);
+    if (row < M) {{
+      half2 v = __floats2half2_rn(d[i], d[i + 1]);  // the fp16 result, then (as the fused epilogue does) + R
+      if (kResidual) v = __hadd2(v, *reinterpret_cast<const half2*>(R + (size_t)row * N + col));
+      *reinterpret_cast<half2*>(D + (size_t)row * N + col) = v;
+    }}
   }}
+}}
+
+extern "C" __global__ void __launch_bounds__({threads}, 1)
+{KERNEL}(const half* __restrict__ A, const half* __restrict__ W, half* __restrict__ D, int M, int N, int K) {{
+  kiln_wgmma_gemm<false>(A, W, nullptr, D, M, N, K);
+}}
+
+extern "C" __global__ void __launch_bounds__({threads}, 1)
+{KERNEL_ADD}(const half* __restrict__ A, const half* __restrict__ W, const half* __restrict__ R, half* __restrict__ D,
+             int M, int N, int K) {{
+  kiln_wgmma_gemm<true>(A, W, R, D, M, N, K);
 }}
 """
 
@@ -159,3 +181,171 @@ def build_cubin(out: Path, cfg: WgmmaConfig = WgmmaConfig(), arch: str = "sm_90a
     if proc.returncode != 0:
         raise RuntimeError(f"nvcc failed on {cu}:\n{proc.stderr[-4000:]}")
     return out
+
+
+# ------------------------------------------------------------------------------------- in the compiler
+
+ARG_TYPES = {KERNEL: ["handle", "handle", "handle", "int32", "int32", "int32"],
+             KERNEL_ADD: ["handle", "handle", "handle", "handle", "int32", "int32", "int32"]}
+LAUNCH_TAGS = ["blockIdx.x", "blockIdx.y", "threadIdx.x", "tirx.use_dyn_shared_memory"]
+KERNEL_ATTR = "kiln.external_kernel"  # on a PrimFunc that launches one of them (cuda_gemv.specialize keeps it)
+
+
+@dataclass(frozen=True)
+class Linear:
+    """What ``match_linear`` read off a PrimFunc: its parameters in the kernel's roles, the row count."""
+
+    a: object
+    w: object
+    r: object | None  # the residual added after the cast, or None
+    d: object
+    rows: object  # the symbolic row count (A's second-to-last dimension)
+    n: int
+    k: int
+
+
+def match_linear(func, cfg: WgmmaConfig = WgmmaConfig()) -> Linear | None:
+    """``func`` as ``D = fp16(A @ W^T)`` or ``D = fp16(A @ W^T) + R`` (fp16 A, W, R, D; fp32 accumulation;
+    A ``[..., rows, K]`` with leading 1s, W ``[N, K]``, symbolic rows, N % BN == K % BK == 0), else None."""
+    from tvm import s_tir
+    from tvm.s_tir.dlight.analysis import get_root_block
+
+    from ..ir.tvm import TensorLoad, tirx
+
+    params = list(func.params)
+    if len(params) not in (3, 4) or any(not hasattr(p, "shape") for p in params):
+        return None
+    try:
+        sch = s_tir.Schedule(func)
+        blocks = [sch.get(b) for b in sch.get_child_blocks(get_root_block(sch))]
+    except Exception:  # noqa: BLE001 — not a schedulable function: not ours
+        return None
+    if len(blocks) != len(params) - 1:
+        return None
+
+    def load(e, dtype=None):
+        return e if isinstance(e, TensorLoad) and (dtype is None or str(e.source.dtype) == dtype) else None
+
+    def same(a, b):
+        return len(a) == len(b) and all(x.same_as(y) for x, y in zip(a, b))
+
+    # the reduction: C[.., i, j] += f32(A[.., i, k]) * f32(W[j, k])
+    red = blocks[0]
+    ivs = [iv.var for iv in red.iter_vars]
+    kinds = [int(iv.iter_type) for iv in red.iter_vars]
+    if red.init is None or len(ivs) < 3 or kinds[-3:] != [0, 0, 2] or any(kinds[:-3]):
+        return None
+    i, j, k = ivs[-3:]
+    st, v = red.body, red.body.value
+    if not (isinstance(v, tirx.Add) and load(v.a) is not None and load(v.a).source.same_as(st.buffer)
+            and isinstance(v.b, tirx.Mul) and all(isinstance(x, tirx.Cast) and str(x.ty) == "float32"
+                                                  for x in (v.b.a, v.b.b))):
+        return None
+    la, lw = load(v.b.a.value, "float16"), load(v.b.b.value, "float16")
+    a, w = params[0], params[1]
+    if la is None or lw is None or not la.source.same_as(a) or not lw.source.same_as(w) \
+            or not same(lw.indices, [j, k]) or not same(la.indices[-2:], [i, k]) or not same(st.indices[-2:], [i, j]):
+        return None
+    # the cast to fp16, then (with four parameters) the residual add into the output
+    cast = blocks[1].body
+    if not (isinstance(cast.value, tirx.Cast) and str(cast.value.ty) == "float16"
+            and load(cast.value.value) is not None and load(cast.value.value).source.same_as(st.buffer)):
+        return None
+    d, r = params[-1], None
+    if len(params) == 4:
+        add = blocks[2].body
+        if not (isinstance(add.value, tirx.Add) and add.buffer.same_as(d)):
+            return None
+        x, y = load(add.value.a, "float16"), load(add.value.b, "float16")
+        if x is None or y is None:
+            return None
+        if x.source.same_as(cast.buffer):
+            x, y = y, x
+        if not (y.source.same_as(cast.buffer) and x.source.same_as(params[2]) and same(x.indices, add.indices)
+                and same(y.indices, add.indices)):
+            return None
+        r = params[2]
+    elif not cast.buffer.same_as(d):
+        return None
+    shape_a, shape_w, shape_d = list(a.shape), list(w.shape), list(d.shape)
+    rows = shape_a[-2]
+    if not isinstance(rows, tirx.Var) or any(not isinstance(x, tirx.IntImm) for x in shape_w) \
+            or any(not isinstance(x, tirx.IntImm) or int(x) != 1 for x in shape_a[:-2]):
+        return None
+    n, kk = int(shape_w[0]), int(shape_w[1])
+    if not isinstance(shape_a[-1], tirx.IntImm) or int(shape_a[-1]) != kk or n % cfg.bn or kk % cfg.bk \
+            or len(shape_d) != len(shape_a) or not shape_d[-2].same_as(rows) or int(shape_d[-1]) != n:
+        return None
+    if r is not None and [str(x) for x in r.shape] != [str(x) for x in shape_d]:
+        return None
+    return Linear(a, w, r, d, rows, n, kk)
+
+
+def launch_body(lin: Linear, cfg: WgmmaConfig = WgmmaConfig()):
+    """The host statement that launches the kernel on ``lin``'s parameters."""
+    from ..ir.tvm import tirx
+
+    i32 = lambda e: tirx.Cast("int32", e)  # noqa: E731
+    ptrs = [lin.a.data, lin.w.data] + ([lin.r.data] if lin.r is not None else []) + [lin.d.data]
+    rows = lin.rows
+    grid_y = (rows + (cfg.bm - 1)) // cfg.bm
+    call = tirx.call_packed(KERNEL if lin.r is None else KERNEL_ADD, *ptrs, i32(rows), i32(lin.n), i32(lin.k),
+                            lin.n // cfg.bn, grid_y, cfg.threads, cfg.smem_bytes)
+    return tirx.Evaluate(call)
+
+
+class WgmmaLinear:
+    """A rule in the shape of dlight's: ``apply`` returns ``func`` as a launch of the wgmma kernel (a
+    scheduled host function), or None. Only for the archs whose targets.CudaArch says ``wgmma``."""
+
+    def __init__(self, cfg: WgmmaConfig = WgmmaConfig()):
+        self.cfg = cfg
+
+    def apply(self, func, target, _):
+        from ..ir.tvm import tirx
+
+        from .targets import CUDA_ARCHS
+
+        arch = CUDA_ARCHS.get(str(target.attrs.get("arch", "")))
+        if not isinstance(func, tirx.PrimFunc) or arch is None or not arch.wgmma:
+            return None
+        lin = match_linear(func, self.cfg)
+        if lin is None:
+            return None
+        return func.with_body(launch_body(lin, self.cfg)).with_attrs(
+            {"tirx.is_scheduled": True, KERNEL_ATTR: KERNEL if lin.r is None else KERNEL_ADD})
+
+
+def kernel_module(cfg: WgmmaConfig = WgmmaConfig()):
+    """The runtime CUDA module holding both kernels as sm_90a machine code, for IRModule ``external_mods``."""
+    import json
+    import tempfile
+
+    import tvm_ffi
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = build_cubin(Path(tmp) / "wgmma.cubin", cfg).read_bytes()
+    meta = json.dumps({"tvm_version": _tvm_version(), "func_info": {
+        name: {"name": "", "arg_types": types, "launch_param_tags": LAUNCH_TAGS} for name, types in ARG_TYPES.items()}})
+    fmap = tvm_ffi.get_global_func("runtime.LoadMetaDataFromJSON")(meta)
+    return tvm_ffi.get_global_func("ffi.Module.create.cuda")(cubin, "cubin", fmap, {})
+
+
+def _tvm_version() -> str:
+    from ..ir.tvm import tvm
+
+    return tvm.__version__
+
+
+def attach_kernels(cfg: WgmmaConfig = WgmmaConfig()):
+    """Module pass: where a PrimFunc launches the wgmma kernels, the IRModule carries their module."""
+    from ..ir.tvm import tvm
+
+    @tvm.transform.module_pass(opt_level=0, name="kiln.AttachWgmmaKernels")
+    def transform(mod, _ctx):
+        if not any(f.attrs is not None and KERNEL_ATTR in f.attrs for _, f in mod.functions_items()):
+            return mod
+        mods = list(mod.attrs["external_mods"]) if mod.attrs and "external_mods" in mod.attrs else []
+        return mod.with_attr("external_mods", mods + [kernel_module(cfg)])
+
+    return transform

@@ -19,6 +19,7 @@ class CudaArch:
     arch: str
     max_shared_memory_per_block: int  # bytes a block may use with the opt-in (TVM's runtime sets the attribute)
     gpus: str  # which GPUs, for humans
+    wgmma: bool = False  # prefill linears on kiln's Hopper wgmma kernel (cuda_wgmma.py) where they match it
 
 
 CUDA_ARCHS: dict[str, CudaArch] = {
@@ -28,7 +29,7 @@ CUDA_ARCHS: dict[str, CudaArch] = {
         CudaArch("sm_86", 101376, "A10, A40, RTX 30xx"),  # 99 KiB
         CudaArch("sm_89", 101376, "L4, L40, RTX 40xx"),
         CudaArch("sm_90", 232448, "H100, H200, GH200"),  # 227 KiB
-        CudaArch("sm_90a", 232448, "H100, H200, GH200 (arch-specific features: wgmma, TMA)"),
+        CudaArch("sm_90a", 232448, "H100, H200, GH200 (arch-specific features: wgmma, TMA)", wgmma=True),
     )
 }
 

@@ -79,6 +79,7 @@ if (_root := _cuda_root()) is not None:
 import tvm  # noqa: E402
 from tvm import relax, te, tirx, topi  # noqa: E402
 from tvm.ir import IRModule  # noqa: E402
+from tvm.ir.expr import TensorLoad  # noqa: E402  (was tvm.tir.BufferLoad)
 from tvm.relax.expr_functor import PyExprMutator, mutator  # noqa: E402
 from tvm.relax.frontend.nn.llm.kv_cache import RopeMode, TIRPagedKVCache  # noqa: E402
 from tvm.s_tir import dlight  # noqa: E402

@@ -172,18 +172,21 @@ def test_run_all_on_a_cpu_smoke_bundle(tmp_path):
     assert record["artifacts"]["llama-3-8b"]["tokenizer"] == "placeholder"
     assert record["artifacts"]["demo"]["weights"] == "included"
     assert not (bundle / "artifacts" / "demo-nograph" / "params.safetensors").exists()  # demo's, copied there
-    res = run("bash", GPU / "run_all.sh", "peaks", "demo", "demo-nograph", "kiln", "hf", "serving", "graphs",
+    res = run("bash", GPU / "run_all.sh", "peaks", "demo", "demo-nograph", "wgmma-logits", "kiln", "hf", "serving",
+              "graphs",
               timeout=900,
               env={**env, "OUT": str(out), "KILN_GPU_BUNDLE": str(bundle), "KILN_GPU_DEVICE": "cpu",
                    "KILN_GPU_SMALL": "1"})
     results = json.loads((out / "results.json").read_text())
     parts = results["parts"]
-    assert len(parts) == 14, list(parts)
+    assert len(parts) == 17, list(parts)
     for name, p in parts.items():
         assert p["status"]["rc"] == 0, (name, p.get("log_tail"))
     assert results["summary"]["demo_greedy_match"]["match"] is True
     assert results["summary"]["demo_nograph_greedy_match"]["match"] is True
     assert set(results["summary"]["cuda_graph_decode_speedup"]) == {"1", "2"}
+    assert results["summary"]["wgmma_same_logits"]["ok"] is True  # (two CPU twins here: equal logits)
+    assert set(results["summary"]["wgmma_prefill_speedup"]) == {"512", "2048"}
     assert results["summary"]["kiln-llama-3-8b-latency"]["batch1"]["fraction_of_copy_bandwidth"] > 0
     assert parts["kiln-llama-3.2-1b-serving"]["result"]["serving"]
     assert parts["hf-llama-3-8b"]["result"]["results"]["eager"]["decode_tokens_per_s"] > 0

@@ -14,6 +14,7 @@
 #   artifacts/llama-3.2-1b/      config-only, fp16, sm_90, --context-len $CONTEXT_LEN (default 4096):
 #   artifacts/llama-3-8b/          no weights (random at load time), placeholder tokenizer
 #   artifacts/llama-3.2-1b-nograph/  the same as llama-3.2-1b, --no-cuda-graph (what CUDA graphs bring)
+#   artifacts/llama-3-8b-sm90a/  the same as llama-3-8b for sm_90a: prefill linears on kiln's wgmma kernel
 #   gemm/gemm_sm_90.so           kiln's tensor-core GEMM alone (tools/gpu/gemm.py build)
 #   gemm/lowbatch_sm_90.so,.json the Llama-3-8B linears at small m: MMA, each low-batch GEMV bucket, kiln's dispatch
 #   demo_cpu_greedy.json         the demo model's greedy tokens on this CPU (tools/gpu/demo_check.py record)
@@ -112,6 +113,8 @@ EOF
     done
     compile llama-3.2-1b-nograph tools/gpu/configs/llama-3.2-1b --config-only --target cuda --arch sm_90 \
         --dtype float16 --context-len "$CONTEXT_LEN" --no-cuda-graph
+    compile llama-3-8b-sm90a tools/gpu/configs/llama-3-8b --config-only --target cuda --arch sm_90a \
+        --dtype float16 --context-len "$CONTEXT_LEN"
     DEMO_SRC=models/kiln-demo
     step "building kiln's tensor-core GEMM alone (tools/gpu/gemm.py)"
     "$PY" tools/gpu/gemm.py build "$BUNDLE/gemm" --arch sm_90 >/dev/null \
@@ -138,6 +141,7 @@ EOF
         compile "$shape" "$SCRATCH/shapes/$shape" --config-only --context-len 256
     done
     compile llama-3.2-1b-nograph "$SCRATCH/shapes/llama-3.2-1b" --config-only --context-len 256
+    compile llama-3-8b-sm90a "$SCRATCH/shapes/llama-3-8b" --config-only --context-len 256  # (a CPU twin)
 fi
 # demo-nograph has demo's weights: run_all.sh copies them back before using it, so they travel once
 cmp "$BUNDLE/artifacts/demo/params.safetensors" "$BUNDLE/artifacts/demo-nograph/params.safetensors"

@@ -143,6 +143,16 @@ def collect(work: Path, bundle: Path) -> tuple[dict, str]:
         if demo:
             summary[key] = {k: demo.get(k) for k in ("match", "first_mismatch", "num_tokens",
                                                      "teacher_forced_argmax_agree", "first_logits_max_abs_diff")}
+    logits = (parts.get("wgmma-logits") or {}).get("result") or {}
+    if logits:
+        summary["wgmma_same_logits"] = {k: logits.get(k) for k in ("ok", "max_rel_diff_per_step",
+                                                                   "argmax_agree_per_step", "rtol")}
+    for n in ("512", "2048"):  # prefill tokens/s with the wgmma linears (sm_90a) over mma.sync (sm_90)
+        rate = lambda name: next(iter(summary.get(name, {}).get("latency", {}).values()), {}).get(  # noqa: E731
+            "prefill_tokens_per_s")
+        mma, wg = rate(f"kiln-llama-3-8b-prefill-{n}"), rate(f"kiln-llama-3-8b-sm90a-prefill-{n}")
+        if mma and wg:
+            summary.setdefault("wgmma_prefill_speedup", {})[n] = round(wg / mma, 3)
     graphs = summary.get("kiln-llama-3.2-1b-latency", {}).get("latency", {})
     plain = summary.get("kiln-llama-3.2-1b-nograph-latency", {}).get("latency", {})
     if graphs and plain:  # decode with CUDA graphs over without, per batch size run by both

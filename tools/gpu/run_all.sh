@@ -11,8 +11,9 @@
 #   gemm                                kiln's tensor-core GEMM alone vs torch.matmul (tools/gpu/gemm.py)
 #   demo                                the demo model's greedy tokens on the GPU vs the CPU's (tools/gpu/demo_check.py)
 #   demo-nograph                        the same without CUDA graphs (tells a graph fault from a kernel fault)
+#   wgmma-logits                        Llama-3-8B sm_90 vs sm_90a (wgmma prefill): same logits? (same_logits.py)
 #   kiln-SHAPE-latency                  kiln bench: decode at batch 1..256 (random weights, seed 0)
-#   kiln-SHAPE-prefill-512, -2048       kiln bench: one prompt of 512 / 2048 tokens
+#   kiln-SHAPE-prefill-512, -2048       kiln bench: one prompt of 512 / 2048 tokens (and llama-3-8b-sm90a's)
 #   hf-SHAPE                            transformers peers on the same shape (tools/gpu/hf_peers.py)
 #   kiln-SHAPE-serving                  kiln bench: ShareGPT-like requests at several rates
 #   kiln-llama-3.2-1b-nograph-latency   decode again without CUDA graphs, for what they bring
@@ -98,6 +99,9 @@ run() {
               else
                   echo '{"part": "gemm", "skipped": "the bundle has no gemm/"}' >"$WORK/gemm.status.json"
               fi ;;
+        wgmma-logits) local n=512 steps=8; [ "$SMALL" = 1 ] && { n=16; steps=2; }
+                      part "$1" 120 "$PY" tools/gpu/same_logits.py "$BUNDLE/artifacts/llama-3-8b" \
+                          "$BUNDLE/artifacts/llama-3-8b-sm90a" --prompt-len $n --steps $steps --out "$WORK/$1.json" ;;
         demo|demo-nograph)
               [ -e "$BUNDLE/artifacts/$1/params.safetensors" ] \
                   || cp "$BUNDLE/artifacts/demo/params.safetensors" "$BUNDLE/artifacts/$1/"  # (build_bundle.sh)
@@ -123,9 +127,9 @@ run() {
 expand() {  # the parts of a group, in run order
     local s
     case $1 in
-        base) echo nvidia-smi peaks gemm demo demo-nograph ;;
+        base) echo nvidia-smi peaks gemm demo demo-nograph wgmma-logits ;;
         kiln) for s in $SHAPES; do echo "kiln-$s-latency"; done
-              for s in $SHAPES; do echo "kiln-$s-prefill-512 kiln-$s-prefill-2048"; done ;;
+              for s in $SHAPES llama-3-8b-sm90a; do echo "kiln-$s-prefill-512 kiln-$s-prefill-2048"; done ;;
         hf) for s in $SHAPES; do echo "hf-$s"; done ;;
         serving) for s in $SHAPES; do echo "kiln-$s-serving"; done ;;
         graphs) echo kiln-llama-3.2-1b-nograph-latency ;;

@@ -73,8 +73,17 @@ def tables(results: dict) -> str:
             lat = s.get(f"kiln-{key}-prefill-{n}", {}).get("latency", {})
             cells.append(_f(next(iter(lat.values()), {}).get("prefill_tokens_per_s"), 0))
         rows.append([label, *cells])
+    for key, label in (("llama-3-8b-sm90a", "Llama-3-8B, sm_90a (wgmma linears)"),):
+        cells = [_f(next(iter(s.get(f"kiln-{key}-prefill-{n}", {}).get("latency", {}).values()), {}).get(
+            "prefill_tokens_per_s"), 0) for n in ("512", "2048")]
+        rows.append([label, *cells])
     out += ["## Prefill (tokens/s; one prompt in one step)", ""] + _table(
         ["model (fp16)", "512 tokens", "2048 tokens"], rows)
+    same = s.get("wgmma_same_logits")
+    if same:
+        out += [f"sm_90a against sm_90 on the same random weights (tools/gpu/same_logits.py): logits within "
+                f"rtol {same['rtol']}: {same['ok']}; largest relative difference per step "
+                f"{same['max_rel_diff_per_step']}; argmax agrees {same['argmax_agree_per_step']}.", ""]
 
     rows = []
     for key, label in SHAPES:
