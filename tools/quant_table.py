@@ -98,7 +98,7 @@ def main() -> None:
     gaps = {f"w{b}": (by[f"awq-w{b}g128"] - by["fp32"]) / (by[f"rtn-w{b}g128"] - by["fp32"]) for b in (4, 3)}
     result = {"model": str(args.model_dir), "arch": args.arch or "x86-64", "window": args.window, "rows": rows, "awq_gap_over_rtn_gap": gaps,
               "w4a8_over_fp32": by["w4a8"] / by["fp32"]}
-    print(f"| scheme | perplexity | weights (MB) | linears (MB) | decode tok/s (batch 1) |")
+    print("| scheme | perplexity | weights (MB) | linears (MB) | decode tok/s (batch 1) |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['scheme']} | {r['perplexity']:.2f} | {r['weight_bytes'] / 1e6:.2f} | {r['linear_bytes'] / 1e6:.2f} "

@@ -55,7 +55,7 @@ def build_reference(spec: ModelSpec) -> IRModule:
     its own window (``spec.layer_types``)."""
     shapes = param_shapes(spec)
     names = list(shapes)
-    dt, H, d, eps = spec.dtype, spec.hidden_size, spec.head_dim, spec.rms_norm_eps
+    dt, d, eps = spec.dtype, spec.head_dim, spec.rms_norm_eps
     bb = relax.BlockBuilder()
     attn = [build_attention_function(bb, spec, i) for i in range(spec.num_layers)]
 
