@@ -159,8 +159,8 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
                                 "quant": scheme.name if scheme else None, "source": Path(model_dir).name,
                                 "source_format": pre.source_format if pre else
                                 GRAPH_SUFFIXES[Path(model_dir).suffix] if graph else "hf",
-                                "config_only": config.config_only, "cuda_graph": max_batch is not None,
-                                "max_batch_size": max_batch},
+                                "config_only": config.config_only,
+                                "max_batch_size": max_batch},  # None: no decode CUDA graphs
                        tvm_versions=installed_tvm_versions())
         for f in tmp.iterdir():
             f.chmod(0o644 if f.suffix != ".so" else 0o755)

@@ -3,8 +3,8 @@
 kiln's states are token-major ``[n, H]``: every linear of ``batch_decode`` and ``batch_prefill`` is
 one PrimFunc over a symbolic row count ``n``. Scheduled as a tensor-core GEMM (cuda_matmul.py), a
 decode step of 8 sequences pads them to a 128-row tile and spreads the weight over N / 128 blocks
-(32 for N = 4096): a fraction of an H200's 132 SMs, so the weight is read far below memory
-bandwidth. This pass gives each such PrimFunc a dispatch on ``n`` at the top of the kernel's host
+(32 for N = 4096): a fraction of an H200's 132 SMs, which should leave the weight read well below
+memory bandwidth (gemm.py measures it). This pass gives each such PrimFunc a dispatch on ``n`` at the top of the kernel's host
 code: ``n <= limit`` runs dlight's ``LowBatchGEMV(bucket)`` schedule (``n`` padded to the bucket,
 each block computing ``bucket`` rows of a slice of N, the weight streamed once per bucket of rows),
 larger ``n`` runs the schedule the rest of the rule list gives (kiln's MMA GEMM first). One PrimFunc,

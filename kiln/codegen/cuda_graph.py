@@ -1,8 +1,8 @@
 """Decode steps replay CUDA graphs instead of launching each kernel from the VM.
 
 A decode step is hundreds of kernel launches (about ten per layer around each attention call); with
-a small model or batch a kernel's GPU time is microseconds, comparable to what the VM spends on the
-host to launch it. TVM's ``RewriteCUDAGraph`` (on with ``relax.backend.use_cuda_graph``) lifts the static
+a small model or batch a kernel's GPU time can be as short as the VM's host work to launch it (what
+graphs bring is measured by the GPU run's nograph parts). TVM's ``RewriteCUDAGraph`` (on with ``relax.backend.use_cuda_graph``) lifts the static
 allocations of a function and captures the kernel launches between two non-capturable calls (the KV
 cache's attention builtin, reads of the step's own inputs) as one graph, replayed by
 ``vm.builtin.cuda_graph.run_or_capture`` — captured on a step's first run, keyed by the values of the

@@ -178,8 +178,11 @@ def build_cubin(out: Path, cfg: WgmmaConfig = WgmmaConfig(), arch: str = "sm_90a
     cu.write_text(source(cfg))
     proc = subprocess.run([nvcc, "-cubin", f"-arch={arch}", "-O3", "-std=c++17", "-o", str(out), str(cu)],
                           capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"nvcc failed on {cu}:\n{proc.stderr[-4000:]}")
+    if proc.returncode != 0:  # e.g. a CUDA toolkit older than 12.0, which has no sm_90a
+        from ..errors import TargetError
+
+        raise TargetError(f"nvcc could not build kiln's wgmma kernel for {arch} (it needs CUDA 12.0 or newer; "
+                          f"--arch sm_90 avoids it): {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}")
     return out
 
 

@@ -164,7 +164,7 @@ def test_decode_steps_replay_cuda_graphs(cuda_artifact):
     captured = set(re.findall(rb"([a-z_]+)_cuda_graph_capture", data))
     assert captured == {b"decode", b"batch_decode"}, captured
     options = json.loads((cuda_artifact[2] / "manifest.json").read_text())["options"]
-    assert options["cuda_graph"] is True and options["max_batch_size"] == 256
+    assert options["max_batch_size"] == 256
 
 
 @needs_nvcc
@@ -178,7 +178,7 @@ def test_no_cuda_graph_leaves_every_launch_to_the_vm(zoo, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert b"_cuda_graph_capture" not in (out / "model.so").read_bytes()
     options = json.loads((out / "manifest.json").read_text())["options"]
-    assert options["cuda_graph"] is False and options["max_batch_size"] is None
+    assert options["max_batch_size"] is None
 
 
 @needs_nvcc
