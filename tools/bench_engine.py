@@ -4,9 +4,10 @@
 
 For each batch size B, B requests (16-token prompts, ignore_eos) are admitted and prefilled, then
 ``--steps`` decode steps are timed. Each step is split into: scheduling, input preparation (host
-arrays and their copy to the device), the model (the VM calls), copying logits back, and sampling +
-detokenization + stop checks. "engine" is everything but the model. Prints one JSON object with
-the medians in milliseconds.
+arrays and their copy to the device), the model (the VM calls), taking the logits (a view; the greedy
+rows' argmax runs where they are and only the other rows are copied to the host, inside sampling),
+and sampling + detokenization + stop checks. "engine" is everything but the model. Prints one JSON
+object with the medians in milliseconds.
 """
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from ..artifact import load_artifact
 from ..errors import KilnError, RequestError
@@ -27,7 +26,7 @@ from ..scheduler.sequence import Sequence, Status
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import KVCacheConfig
 from .outputs import CompletionOutput, EngineStats, Request, RequestOutput
-from .sampler import Sampler, SamplingRow, choice_generator
+from .sampler import Sampler, SamplingRow, choice_generator, rows_on_host
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("kiln.engine")
@@ -215,7 +214,7 @@ class Engine:
             return outputs
         samples = batch.samples
         t1 = time.perf_counter()
-        logits = self.runner.forward(batch.seq_ids, batch.token_lists)
+        logits = self.runner.forward_logits(batch.seq_ids, batch.token_lists)
         t2 = time.perf_counter()
         self.scheduler.commit(batch)
         picked = [(i, s) for i, (s, yes) in enumerate(zip(batch.seqs, samples)) if yes]
@@ -231,21 +230,17 @@ class Engine:
         del self.step_times[:-4096]
         return outputs
 
-    def _sample(self, picked: list[tuple[int, Sequence]], logits: np.ndarray, touched: dict) -> None:
-        import torch
-
+    def _sample(self, picked: list[tuple[int, Sequence]], logits, touched: dict) -> None:
+        """Sample the picked rows of ``logits`` (a torch tensor [b, V] on the runner's device). Rows that
+        need only an argmax (greedy, no penalty, no logprobs, no grammar) take it where the logits are;
+        the rest are copied to the host, masked by their grammars and sampled there by ``Sampler``. On a GPU
+        a greedy batch so brings back one id per row instead of its [b, V] logits."""
         # one row per choice to sample: (sequence or None for a child-to-be, logits row, owner, choice index)
         entries = []
         for i, seq in picked:
             entries.append((seq, i, seq, seq.index))
             entries.extend((None, i, seq, seq.index + 1 + k) for k in range(seq.forks))
-        rows = [e[1] for e in entries]
-        x = torch.from_numpy(logits if len(rows) == len(logits) and rows[-1] == len(rows) - 1 else logits[rows])
         grammars = [owner.data["grammar"] for _, _, owner, _ in entries]  # children start where the parent does
-        if any(g is not None for g in grammars):
-            from .grammar import apply_grammar_masks
-
-            apply_grammar_masks(x, grammars)
         sample_rows = []
         for seq, _, owner, index in entries:
             params = owner.data["row"].params
@@ -257,7 +252,23 @@ class Engine:
                 gen = choice_generator(params.seed, index) if params.seed is not None else None
                 row = SamplingRow(params, gen, owner.data["row"].prompt_ids)
             sample_rows.append(row)
-        tokens, logprobs = self.sampler(x, sample_rows)
+        plain = [g is None and r.params.greedy and not r.params.has_penalties and r.params.logprobs is None
+                 for g, r in zip(grammars, sample_rows)]
+        tokens: list[int] = [0] * len(entries)
+        logprobs: list = [None] * len(entries)
+        js = [j for j, yes in enumerate(plain) if yes]
+        if js:
+            for j, t in zip(js, self.sampler.argmax(logits, [entries[j][1] for j in js])):
+                tokens[j] = t
+        js = [j for j, yes in enumerate(plain) if not yes]
+        if js:
+            x = rows_on_host(logits, [entries[j][1] for j in js])
+            if any(grammars[j] is not None for j in js):
+                from .grammar import apply_grammar_masks
+
+                apply_grammar_masks(x, [grammars[j] for j in js])
+            for j, t, lp in zip(js, *self.sampler(x, [sample_rows[j] for j in js])):
+                tokens[j], logprobs[j] = t, lp
         news = []  # (sequence, row) pairs with a new token
         children: dict[int, list[int]] = {}  # parent seq id -> rows of its children
         for j, (seq, _, owner, _) in enumerate(entries):

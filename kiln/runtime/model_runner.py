@@ -124,7 +124,7 @@ class ModelRunner:
                 raise ArtifactError(f"{artifact.path}: the library has no entry point {name!r}") from None
         self._reshape = global_func("vm.builtin.reshape")
         self._inflight: list = []
-        self.last_timing = (0.0, 0.0, 0.0)  # seconds of the last forward: input preparation, model, output copy
+        self.last_timing = (0.0, 0.0, 0.0)  # seconds of the last forward: input preparation, model, output wrap
         self.random_weights = random_weights
         self.params = self._load_params() if random_weights is None else self._random_params(random_weights)
         cfg = kv_config or KVCacheConfig.for_model(self.spec.context_len, self.spec.kv_bytes_per_token)
@@ -184,6 +184,15 @@ class ModelRunner:
 
     def forward(self, seq_ids: list[int], token_lists: list[list[int]]) -> np.ndarray:
         """Append ``token_lists[i]`` to sequence ``seq_ids[i]``; return logits [b, V] float32 of each last token."""
+        logits = self.forward_logits(seq_ids, token_lists)
+        return logits.cpu().numpy() if logits.device.type != "cpu" else logits.numpy()
+
+    def forward_logits(self, seq_ids: list[int], token_lists: list[list[int]]):
+        """``forward``, its logits left where the model wrote them: a torch tensor [b, V] float32 on the
+        runner's device, not copied (the VM allocates each call's outputs afresh). On a GPU the engine
+        takes the greedy rows' argmax there and copies only the rows it samples on the host."""
+        import torch
+
         t0 = time.perf_counter()
         step = prepare_step(token_lists, self.grouped)
         n, b, H = len(step.token_ids), len(seq_ids), self.spec.hidden_size
@@ -206,9 +215,9 @@ class ModelRunner:
         finally:
             self.kv.end_forward()
         t2 = time.perf_counter()
-        logits = self._to_host(out[0]).reshape(b, -1)
-        self.last_timing = (t1 - t0, t2 - t1, time.perf_counter() - t2)  # inputs, model, logits to host
-        return logits
+        logits = (torch.from_dlpack(out[0]) if self.device == "cuda" else torch.from_numpy(np.from_dlpack(out[0])))
+        self.last_timing = (t1 - t0, t2 - t1, time.perf_counter() - t2)  # inputs, model (launched), logits
+        return logits.reshape(b, -1)
 
     def prefill_rows(self, seq_id: int, token_ids: list[int], positions: np.ndarray) -> np.ndarray:
         """Append ``token_ids`` to sequence ``seq_id`` in one ``batch_prefill`` call; return the logits

@@ -185,6 +185,11 @@ class Sampler:
                 out[i] = lp
         return token_list, out
 
+    def argmax(self, logits: torch.Tensor, rows: list[int]) -> list[int]:
+        """The greedy token of each of ``rows`` of ``logits`` [b, >= vocab_size] float32, on whichever
+        device holds them (the first of tied maxima, as ``__call__``'s greedy rows): only ids leave it."""
+        return argmax_rows(logits[:, :self.vocab_size], rows, numpy_on_cpu=True)
+
     def _draw(self, x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Temperature, the cuts, then one uniform per row through the CDF. x: [m, V] (penalised) -> tokens [m]."""
         m, V = x.shape
@@ -260,6 +265,25 @@ class Sampler:
                 if r.generator is not None:
                     u[j] = torch.rand(1, dtype=torch.float64, generator=r.generator)
         return u
+
+
+def argmax_rows(x: torch.Tensor, rows: list[int], numpy_on_cpu: bool = True) -> list[int]:
+    """``x[rows].argmax(-1)`` as a list, computed where ``x`` is (NumPy's on the CPU unless told not to:
+    ~10x torch's there). Rows may repeat (the choices of one prompt share its logits)."""
+    every = rows == list(range(x.shape[0]))
+    if x.device.type == "cpu" and numpy_on_cpu:
+        a = x.numpy()
+        return (a if every else a[rows]).argmax(axis=-1).tolist()
+    return (x if every else x[torch.tensor(rows, device=x.device)]).argmax(dim=-1).tolist()
+
+
+def rows_on_host(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """``logits[rows]`` as the float32 CPU tensor ``Sampler`` takes: copied from a device (those rows only),
+    or on the CPU a view when ``rows`` is every row in order (then writing it writes ``logits``)."""
+    every = rows == list(range(logits.shape[0]))
+    if logits.device.type == "cpu":
+        return logits if every else logits[rows]
+    return (logits if every else logits[torch.tensor(rows, device=logits.device)]).float().cpu()
 
 
 def cut_thresholds(weights: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor | None:

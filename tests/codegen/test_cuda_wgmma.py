@@ -37,13 +37,18 @@ def test_config_fits_hopper_shared_memory_and_rejects_bad_tiles():
     with pytest.raises(ValueError):
         source(WgmmaConfig(bn=260))
     src = source(WgmmaConfig(bn=128, stages=3))
-    assert "m64n128k16" in src and "cp.async.wait_group 1" in src
+    assert "m64n128k16" in src and "cp.async.wait_group 1" in src and "wgmma.wait_group.sync.aligned 0" in src
+    src = source(WgmmaConfig(bn=128, stages=3, mma_in_flight=1))  # one slice ahead, one in flight
+    assert "cp.async.wait_group 0" in src and "load(kt + 1)" in src and "wgmma.wait_group.sync.aligned 1" in src
+    with pytest.raises(ValueError):
+        source(WgmmaConfig(stages=3, mma_in_flight=2))  # no slot left for the next slice's copy
 
 
 @needs_nvcc
 @pytest.mark.cuda_compile
-def test_cubin_holds_hgmma_without_spills(tmp_path):
-    cubin = build_cubin(tmp_path / "wgmma.cubin")
+@pytest.mark.parametrize("in_flight", [0, 1])
+def test_cubin_holds_hgmma_without_spills(tmp_path, in_flight):
+    cubin = build_cubin(tmp_path / "wgmma.cubin", WgmmaConfig(mma_in_flight=in_flight))
     ptxas = subprocess.run([NVCC, "-cubin", "-arch=sm_90a", "-O3", "-std=c++17", "-Xptxas", "-v", "-o",
                             str(tmp_path / "again.cubin"), str(cubin.with_suffix(".cu"))],
                            capture_output=True, text=True, timeout=300)
@@ -60,6 +65,9 @@ def test_cubin_holds_hgmma_without_spills(tmp_path):
     for f in functions:
         assert len(re.findall(r"\bHGMMA\.64x256x16\.F32\b", f)) == WgmmaConfig().bk // 16
     assert re.search(r"\bLDGSTS\b", sass.stdout) and re.search(r"\bWARPGROUP\.ARRIVE\b", sass.stdout)
+    for f in functions:  # in the k loop, wait until at most in_flight groups run; all of them before the epilogue
+        waits = re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[0-9a-f]+)", f)
+        assert f"0x{in_flight:x}" in waits and waits[-1] == "0x0", waits
 
 
 def i64(v):

@@ -171,6 +171,22 @@ def test_logprobs(engine):
         assert lp.logprob <= 0 and abs(lp.top[0][1] - lp.logprob) < 1e-6
 
 
+def test_a_mixed_batch_samples_each_row_as_it_would_alone(engine):
+    """Rows the engine only takes an argmax of (plain greedy: on the device holding the logits) next to
+    rows it samples on the host (logprobs, a penalty, a seeded draw, n = 2) in the same steps: each
+    request's tokens are those it gets alone."""
+    ids = engine.tokenizer.encode("def parse(self, text):\n    ")
+    params = {"plain": greedy(12), "logprobs": greedy(12, logprobs=2), "penalty": greedy(12, repetition_penalty=1.3),
+              "seeded": SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True),
+              "two": SamplingParams(max_tokens=12, temperature=0.0, n=2, ignore_eos=True)}
+    alone = {k: tokens_of(engine.generate([Request(f"alone-{k}", ids, p)])[f"alone-{k}"]) for k, p in params.items()}
+    together = engine.generate([Request(k, ids, p) for k, p in params.items()])
+    assert {k: tokens_of(v) for k, v in together.items()} == alone
+    assert alone["two"][0] == alone["two"][1] == alone["plain"][0]
+    assert alone["penalty"][0] != alone["plain"][0]  # (the penalty changes the choice: a host row)
+    assert_only_cache_holds_pages(engine)
+
+
 def test_abort_frees_pages(engine):
     engine.add_request(Request("ab", engine.tokenizer.encode("def f(x):\n"), greedy(200)))
     for _ in range(5):

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from kiln.errors import RequestError
-from kiln.runtime.sampler import (Sampler, SamplingParams, SamplingRow, apply_penalties, choice_generator,
-                                  penalised_logits, probabilities, sample)
+from kiln.runtime.sampler import (Sampler, SamplingParams, SamplingRow, apply_penalties, argmax_rows,
+                                  choice_generator, penalised_logits, probabilities, rows_on_host, sample)
 
 V = 12
 
@@ -433,6 +433,25 @@ def test_greedy_batch_is_argmax_and_ignores_padding():
     assert lps == [None] * 128
     assert x[0, 256] == 1e30  # untouched
     assert Sampler(256)(torch.empty(0, 300), []) == ([], [])
+
+
+@pytest.mark.parametrize("numpy_on_cpu", [True, False])  # False: the torch path a GPU's logits take
+def test_argmax_rows_is_the_samplers_greedy_choice(numpy_on_cpu):
+    x = torch.randn(6, 300, generator=torch.Generator().manual_seed(1))
+    x[:, 256:] = 1e30  # padded columns past the vocabulary
+    x[2, 7] = x[2, 9] = 50.0  # a tie: the first wins, as in the sampler
+    rows = [4, 2, 2, 0]  # a subset, out of order, one row twice (n > 1 choices of one prompt)
+    want, _ = Sampler(256)(x[rows], [SamplingRow(SamplingParams(temperature=0))] * len(rows))
+    assert Sampler(256).argmax(x, rows) == want
+    assert argmax_rows(x[:, :256], rows, numpy_on_cpu=numpy_on_cpu) == want and want[1] == 7
+    assert argmax_rows(x[:, :256], list(range(6)), numpy_on_cpu=numpy_on_cpu) == x[:, :256].argmax(-1).tolist()
+
+
+def test_rows_on_host_views_every_row_and_copies_a_subset():
+    x = torch.randn(4, 10)
+    assert rows_on_host(x, [0, 1, 2, 3]).data_ptr() == x.data_ptr()  # (the engine masks it in place)
+    sub = rows_on_host(x, [3, 1, 1])
+    assert sub.data_ptr() != x.data_ptr() and torch.equal(sub, x[[3, 1, 1]])
 
 
 MASK_PARAMS = [dict(temperature=0), dict(), dict(temperature=0.05), dict(top_p=0.5), dict(top_k=3),

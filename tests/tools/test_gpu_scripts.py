@@ -95,7 +95,8 @@ def test_collect_keeps_failures_and_derives_the_bandwidth_fraction(tmp_path):
          "tflops": {"default": 200.0, "w2x4": 250.0, "k64": 400.0}}], "lowbatch": [
         {"m": 4, "n": 64, "k": 32, "ok": {"mma": True, "kiln": True},
          "us": {"mma": 2.0, "kiln": 1.0, "torch": 1.5}, "weight_GBps": {"mma": 250.0, "kiln": 500.0, "torch": 333.3}}],
-        "wgmma": [{"m": 4096, "n": 64, "k": 32, "ok": True, "tflops": 500.0}]})
+        "wgmma": [{"m": 4096, "n": 64, "k": 32, "ok": {"wait": True, "inflight1": False},
+                   "tflops": {"wait": 500.0, "inflight1": 600.0}}]})
     results, logs = collect.collect(work, bundle)
     b1 = results["summary"]["kiln-m-latency"]["batch1"]
     per_token = 2 * (1000 * 1000 + 1000) + (2 * 2 * 2 * 4 * 2) * (100 + 10)
@@ -109,10 +110,12 @@ def test_collect_keeps_failures_and_derives_the_bandwidth_fraction(tmp_path):
     assert results["summary"]["lowbatch"]["64x32"]["4"] == {
         "weight_GBps": {"mma": 250.0, "kiln": 500.0, "torch": 333.3}, "fastest": "kiln", "all_ok": True,
         "kiln_fraction_of_copy_bandwidth": 0.5}
-    assert results["summary"]["wgmma"]["4096"] == {"ok": True, "tflops": 500.0, "over_best_mma": 2.0}
+    assert results["summary"]["wgmma"]["4096"] == {  # inflight1 is faster but wrong: not chosen
+        "ok": {"wait": True, "inflight1": False}, "tflops": {"wait": 500.0, "inflight1": 600.0}, "best": "wait",
+        "over_best_mma": 2.0}
     md = load_tool("tables").tables(results)  # every table renders; the measured cells are filled
     assert "| 4096 | 200.0 | 250.0 | 400.0 | w2x4 |" in md  # tile configurations, fastest correct one
-    assert "| 4096 | 500.0 | True |  | 2.00x |" in md  # wgmma (no fp16 peak in this run: no fraction)
+    assert "| 4096 | 500.0 | 600.0 x | wait |  | 2.00x |" in md  # wgmma (no fp16 peak in this run: no fraction)
     assert "| 64x32 | 4 | 250 | 500 | 333 | 50.0% | True |" in md
     assert "Failed: demo." in md
 
@@ -172,10 +175,12 @@ def test_run_all_on_a_cpu_smoke_bundle(tmp_path):
     assert record["artifacts"]["llama-3-8b"]["tokenizer"] == "placeholder"
     assert record["artifacts"]["demo"]["weights"] == "included"
     assert not (bundle / "artifacts" / "demo-nograph" / "params.safetensors").exists()  # demo's, copied there
+    packed = tmp_path / "bundle.tar.xz"  # what travels to the GPU; run_all.sh unpacks it
+    assert 0 < packed.stat().st_size < record["total_bytes"]
     res = run("bash", GPU / "run_all.sh", "peaks", "demo", "demo-nograph", "wgmma-logits", "kiln", "hf", "serving",
               "graphs",
               timeout=900,
-              env={**env, "OUT": str(out), "KILN_GPU_BUNDLE": str(bundle), "KILN_GPU_DEVICE": "cpu",
+              env={**env, "OUT": str(out), "KILN_GPU_BUNDLE": str(packed), "KILN_GPU_DEVICE": "cpu",
                    "KILN_GPU_SMALL": "1"})
     results = json.loads((out / "results.json").read_text())
     parts = results["parts"]

@@ -124,13 +124,16 @@ def collect(work: Path, bundle: Path) -> tuple[dict, str]:
             best = max(good, key=good.get)
             summary.setdefault("gemm_configs", {})[str(row["m"])] = {"best": best, "tflops": row["tflops"]} | (
                 {"best_fraction_of_measured_fp16_peak": round(good[best] / fp16_peak, 4)} if fp16_peak else {})
-    for row in gemm.get("wgmma", []):  # the sm_90a wgmma GEMM against the best mma.sync configuration
+    for row in gemm.get("wgmma", []):  # the sm_90a wgmma variants: the fastest correct one against the best mma.sync
         cell = {"ok": row["ok"], "tflops": row["tflops"]}
-        if fp16_peak:
-            cell["fraction_of_measured_fp16_peak"] = round(row["tflops"] / fp16_peak, 4)
-        best = summary.get("gemm_configs", {}).get(str(row["m"]))
-        if best and best["tflops"].get(best["best"]):
-            cell["over_best_mma"] = round(row["tflops"] / best["tflops"][best["best"]], 3)
+        good = {k: v for k, v in row["tflops"].items() if row["ok"].get(k)}
+        if good:
+            cell["best"] = max(good, key=good.get)
+            if fp16_peak:
+                cell["fraction_of_measured_fp16_peak"] = round(good[cell["best"]] / fp16_peak, 4)
+            mma = summary.get("gemm_configs", {}).get(str(row["m"]))
+            if mma and mma["tflops"].get(mma["best"]):
+                cell["over_best_mma"] = round(good[cell["best"]] / mma["tflops"][mma["best"]], 3)
         summary.setdefault("wgmma", {})[str(row["m"])] = cell
     for row in gemm.get("lowbatch", []):  # decode-side linears: weight bytes/s per variant, and kiln's over copy
         gbps = row["weight_GBps"]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement of kiln in one command, on a machine with torch but no TVM (see shared/notes/gpu.md).
 #
-#   tools/gpu/run_all.sh [PART|GROUP ...]        from the repo root, with gpu_bundle/ carried along
+#   tools/gpu/run_all.sh [PART|GROUP ...]        from the repo root, with gpu_bundle.tar.xz carried along
 #
 # Built beforehand on the CPU host by tools/gpu/build_bundle.sh. Puts the bundle's runtime-only TVM on
 # PYTHONPATH and runs, each part guarded by its own time limit so one failure loses nothing else:
@@ -24,14 +24,14 @@
 # KILN_GPU_DEADLINE seconds (default 560) have passed; the rest are recorded as skipped (run them with a
 # second command naming them).
 #
-# Environment: OUT (results folder; default out/gpu), KILN_GPU_BUNDLE (default gpu_bundle),
+# Environment: OUT (results folder; default out/gpu), KILN_GPU_BUNDLE (the bundle: a folder, or its .tar.xz,
+# unpacked into a scratch folder; default gpu_bundle.tar.xz if present, else gpu_bundle/),
 # KILN_GPU_DEVICE (cuda; cpu for a smoke test with a bundle from `build_bundle.sh --smoke`),
 # KILN_GPU_SMALL=1 (tiny sizes everywhere, for that smoke test), PYTHON (default python3).
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
-BUNDLE=$(cd "${KILN_GPU_BUNDLE:-$ROOT/gpu_bundle}" 2>/dev/null && pwd) || { echo "no bundle at ${KILN_GPU_BUNDLE:-gpu_bundle}: run tools/gpu/build_bundle.sh first" >&2; exit 2; }
 OUT=${OUT:-$ROOT/out/gpu}
 DEVICE=${KILN_GPU_DEVICE:-cuda}
 SMALL=${KILN_GPU_SMALL:-0}
@@ -40,6 +40,17 @@ DEADLINE=$(( SECONDS + ${KILN_GPU_DEADLINE:-560} ))
 SHAPES="llama-3-8b llama-3.2-1b"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/kiln-gpu.XXXXXX")
 mkdir -p "$OUT"
+
+SRC=${KILN_GPU_BUNDLE:-}
+[ -n "$SRC" ] || { [ -f gpu_bundle.tar.xz ] && SRC=gpu_bundle.tar.xz || SRC=gpu_bundle; }
+if [ -f "$SRC" ]; then  # (Python's tarfile: the GPU machine may have no xz)
+    echo "unpacking $SRC"
+    "$PY" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' "$SRC" "$WORK/bundle" \
+        || { echo "could not unpack $SRC" >&2; exit 2; }
+    SRC=$WORK/bundle
+fi
+BUNDLE=$(cd "$SRC" 2>/dev/null && pwd) && [ -e "$BUNDLE/bundle.json" ] \
+    || { echo "no bundle at $SRC: run tools/gpu/build_bundle.sh first" >&2; exit 2; }
 
 # The bundle's tvm_ffi and TVM runtime libraries; kiln itself from this checkout.
 export PYTHONPATH="$BUNDLE/py:$ROOT${PYTHONPATH:+:$PYTHONPATH}"

@@ -109,10 +109,12 @@ def tables(results: dict) -> str:
                                                for m, c in cfg.items()])
     wg = s.get("wgmma", {})
     if wg:
-        out += ["wgmma GEMM (sm_90a):", ""] + _table(
-            ["m", "TFLOP/s", "correct", "% of measured fp16 peak", "over the best mma.sync configuration"],
-            [[m, _f(w.get("tflops")), str(w.get("ok")), _f(w.get("fraction_of_measured_fp16_peak"), 1, 100, "%"),
-              _f(w.get("over_best_mma"), 2, suffix="x")] for m, w in wg.items()])
+        names = list(next(iter(wg.values()))["tflops"])
+        out += ["wgmma GEMM variants (sm_90a), TFLOP/s (x: wrong result):", ""] + _table(
+            ["m", *names, "fastest correct", "% of measured fp16 peak", "over the best mma.sync configuration"],
+            [[m, *(_f(w["tflops"].get(n)) + ("" if w["ok"].get(n) else " x") for n in names), w.get("best", ""),
+              _f(w.get("fraction_of_measured_fp16_peak"), 1, 100, "%"), _f(w.get("over_best_mma"), 2, suffix="x")]
+             for m, w in wg.items()])
     low = s.get("lowbatch", {})
     if low:
         variants = list(next(iter(next(iter(low.values())).values()))["weight_GBps"])
