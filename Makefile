@@ -25,7 +25,7 @@ demo: $(DEMO_ARTIFACT)/manifest.json
 	$(BIN)/kiln generate $(DEMO_ARTIFACT) --prompt "$(PROMPT)" --max-tokens 96 --temperature 0.7 --top-p 0.95 --seed 1
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rs --durations=15
 
 clean:
 	rm -rf build

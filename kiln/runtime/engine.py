@@ -26,7 +26,7 @@ from ..scheduler.sequence import Sequence, Status
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import KVCacheConfig
 from .outputs import CompletionOutput, EngineStats, Request, RequestOutput
-from .sampler import Sampler, SamplingRow, choice_generator, rows_on_host
+from .sampler import Sampler, SamplingRow, choice_generator, take_rows
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("kiln.engine")
@@ -232,9 +232,9 @@ class Engine:
 
     def _sample(self, picked: list[tuple[int, Sequence]], logits, touched: dict) -> None:
         """Sample the picked rows of ``logits`` (a torch tensor [b, V] on the runner's device). Rows that
-        need only an argmax (greedy, no penalty, no logprobs, no grammar) take it where the logits are;
-        the rest are copied to the host, masked by their grammars and sampled there by ``Sampler``. On a GPU
-        a greedy batch so brings back one id per row instead of its [b, V] logits."""
+        need only an argmax (greedy, no penalty, no logprobs, no grammar) take it alone; ``Sampler`` draws
+        the others; both where the logits are, except the rows under a grammar, masked on the host. On a
+        GPU a step so brings back ids (and logprobs when asked) instead of its [b, V] float32 logits."""
         # one row per choice to sample: (sequence or None for a child-to-be, logits row, owner, choice index)
         entries = []
         for i, seq in picked:
@@ -261,13 +261,18 @@ class Engine:
             for j, t in zip(js, self.sampler.argmax(logits, [entries[j][1] for j in js])):
                 tokens[j] = t
         js = [j for j, yes in enumerate(plain) if not yes]
-        if js:
-            x = rows_on_host(logits, [entries[j][1] for j in js])
-            if any(grammars[j] is not None for j in js):
+        # off the host path, rows under a grammar go to the host (xgrammar fills its bitmask there) and the
+        # rest are sampled where the logits are
+        groups = [js] if self.sampler.uses_numpy(logits) else [[j for j in js if grammars[j] is None],
+                                                                [j for j in js if grammars[j] is not None]]
+        for group in (g for g in groups if g):
+            x = take_rows(logits, [entries[j][1] for j in group])
+            if any(grammars[j] is not None for j in group):
                 from .grammar import apply_grammar_masks
 
-                apply_grammar_masks(x, [grammars[j] for j in js])
-            for j, t, lp in zip(js, *self.sampler(x, [sample_rows[j] for j in js])):
+                x = x.cpu()
+                apply_grammar_masks(x, [grammars[j] for j in group])
+            for j, t, lp in zip(group, *self.sampler(x, [sample_rows[j] for j in group])):
                 tokens[j], logprobs[j] = t, lp
         news = []  # (sequence, row) pairs with a new token
         children: dict[int, list[int]] = {}  # parent seq id -> rows of its children

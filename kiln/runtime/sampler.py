@@ -1,7 +1,10 @@
 """Sampling: choose one token per row of logits, each row with its own parameters.
 
-``Sampler`` is the engine's batched path (torch tensors on the CPU). ``probabilities`` is the same math for
-one row in plain NumPy float64, the reference the tests hold the batched path to. ``sample`` is the older
+``Sampler`` is the engine's batched path, over torch tensors on whichever device holds the logits (on a GPU
+no [b, V] array crosses to the host; only ids, and logprobs when asked); ``Sampler.argmax`` is its greedy
+choice alone (the engine's rows with nothing else to do).
+``probabilities`` is the same math for one row in plain NumPy float64, the reference the tests hold the
+batched path to. ``sample`` is the older
 one-row NumPy path that ``llm.py`` still uses.
 
 Per row, in this order:
@@ -20,8 +23,10 @@ Per row, in this order:
    exponential race: torch's CPU generator needs ~2 ms for 128 x 4096 numbers.)
 
 The batched path works on weights exp((x - max) / T), the most likely token at 1, so the cuts are
-comparisons with a per-row threshold and nothing needs normalising. Where NumPy's CPU kernels are much
-faster than torch's on the same memory (argmax, sort, unique), it calls NumPy.
+comparisons with a per-row threshold and nothing needs normalising. On the CPU, where NumPy's kernels are
+much faster than torch's on the same memory (argmax, sort, partition), it calls NumPy; on another device
+(or with ``numpy_on_cpu=False``, which the tests use to run that path here) the same steps are torch's.
+The uniforms always come from CPU generators, so a seeded row draws the same wherever it runs.
 """
 
 from __future__ import annotations
@@ -143,9 +148,10 @@ class Sampler:
     The sampler keeps no per-request state; it draws unseeded rows' noise from its own generator.
     """
 
-    def __init__(self, vocab_size: int, seed: int | None = None):
+    def __init__(self, vocab_size: int, seed: int | None = None, numpy_on_cpu: bool = True):
         assert vocab_size > 0
         self.vocab_size = vocab_size
+        self.numpy_on_cpu = numpy_on_cpu
         self.generator = torch.Generator()
         if seed is None:
             self.generator.seed()
@@ -153,13 +159,14 @@ class Sampler:
             self.generator.manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[TokenLogprob | None]]:
-        # logits: [num_rows, >= vocab_size] float32 on the CPU; columns from vocab_size on are padding
+        # logits: [num_rows, >= vocab_size] float32 on any device; columns from vocab_size on are padding
         assert logits.dim() == 2 and logits.shape[0] == len(rows) and logits.shape[1] >= self.vocab_size, \
             (tuple(logits.shape), len(rows), self.vocab_size)
-        assert logits.dtype == torch.float32 and logits.device.type == "cpu", (logits.dtype, logits.device)
+        assert logits.dtype == torch.float32, logits.dtype
         if not rows:
             return [], []
         x = logits[:, :self.vocab_size]  # a view; the caller's tensor is never written
+        np_ok = self.uses_numpy(x)
         params = [r.params for r in rows]
         with_logprobs = [i for i, p in enumerate(params) if p.logprobs is not None]
         penalised = [i for i, p in enumerate(params) if p.has_penalties]
@@ -173,8 +180,8 @@ class Sampler:
             x[penalised] = apply_penalties(x[penalised], [rows[i] for i in penalised])
         if len(drawn) == len(rows):
             tokens = self._draw(x, rows)
-        else:
-            tokens = torch.from_numpy(x.numpy().argmax(axis=-1))  # NumPy's argmax: ~10x torch's on the CPU
+        else:  # NumPy's argmax: ~10x torch's on the CPU
+            tokens = torch.from_numpy(x.numpy().argmax(axis=-1)) if np_ok else x.argmax(dim=-1)
             if drawn:
                 tokens[drawn] = self._draw(x[drawn], [rows[i] for i in drawn])
         token_list = tokens.tolist()
@@ -188,24 +195,29 @@ class Sampler:
     def argmax(self, logits: torch.Tensor, rows: list[int]) -> list[int]:
         """The greedy token of each of ``rows`` of ``logits`` [b, >= vocab_size] float32, on whichever
         device holds them (the first of tied maxima, as ``__call__``'s greedy rows): only ids leave it."""
-        return argmax_rows(logits[:, :self.vocab_size], rows, numpy_on_cpu=True)
+        return argmax_rows(logits[:, :self.vocab_size], rows, numpy_on_cpu=self.numpy_on_cpu)
+
+    def uses_numpy(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is sampled by the NumPy path (on the CPU), else by torch where it lies."""
+        return self.numpy_on_cpu and x.device.type == "cpu"
 
     def _draw(self, x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Temperature, the cuts, then one uniform per row through the CDF. x: [m, V] (penalised) -> tokens [m]."""
         m, V = x.shape
         params = [r.params for r in rows]
-        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32).unsqueeze(1)
+        np_ok = self.uses_numpy(x)
+        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=x.device).unsqueeze(1)
         # unnormalised probabilities, the most likely token at exactly 1: [m, V]
         weights = torch.sub(x, x.amax(dim=-1, keepdim=True)).div_(temperature).exp_()
-        if V > 4 * TOP_K_FAST_PATH and all(0 < p.top_k <= TOP_K_FAST_PATH for p in params):
+        if np_ok and V > 4 * TOP_K_FAST_PATH and all(0 < p.top_k <= TOP_K_FAST_PATH for p in params):
             tokens = self._draw_top_k(weights.numpy(), rows, params)
             if tokens is not None:
                 return tokens
-        thr = cut_thresholds(weights, params)
+        thr = cut_thresholds(weights, params, use_numpy=np_ok)
         if thr is not None:
             weights = weights * (weights >= thr)  # (masked_fill is 3x slower here)
         cdf = weights.double().cumsum_(dim=-1)  # [m, V]; a cut token adds 0, so no target ever lands on it
-        target = self._uniforms(rows) * cdf[:, -1]  # [m] in [0, total)
+        target = self._uniforms(rows).to(x.device) * cdf[:, -1]  # [m] in [0, total)
         tokens = torch.searchsorted(cdf, target.unsqueeze(1), right=True).squeeze(1)  # first cdf > target
         if bool((tokens >= V).any()):  # u * total rounded up to total: take the last token with weight
             over = (tokens >= V).nonzero().squeeze(1)
@@ -277,34 +289,35 @@ def argmax_rows(x: torch.Tensor, rows: list[int], numpy_on_cpu: bool = True) -> 
     return (x if every else x[torch.tensor(rows, device=x.device)]).argmax(dim=-1).tolist()
 
 
-def rows_on_host(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """``logits[rows]`` as the float32 CPU tensor ``Sampler`` takes: copied from a device (those rows only),
-    or on the CPU a view when ``rows`` is every row in order (then writing it writes ``logits``)."""
+def take_rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """``logits[rows]`` where ``logits`` is: a view when ``rows`` is every row in order (then writing it
+    writes ``logits``), else a copy of those rows."""
     every = rows == list(range(logits.shape[0]))
-    if logits.device.type == "cpu":
-        return logits if every else logits[rows]
-    return (logits if every else logits[torch.tensor(rows, device=logits.device)]).float().cpu()
+    return logits if every else logits[torch.tensor(rows, device=logits.device)]
 
 
-def cut_thresholds(weights: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor | None:
+def cut_thresholds(weights: torch.Tensor, params: list[SamplingParams], use_numpy: bool = True) -> torch.Tensor | None:
     """Per row, the weight below which top-k, top-p and min_p cut, or None when no row cuts.
 
-    weights: [m, V] unnormalised probabilities with each row's max at 1 -> [m, 1]. Only the rows with a top-k
-    or top-p cut are sorted (ascending); top-p's mass comes from one float64 cumsum over the sorted row.
+    weights: [m, V] unnormalised probabilities with each row's max at 1 -> [m, 1], on weights' device. Only
+    the rows with a top-k or top-p cut are sorted (ascending; by NumPy when ``use_numpy`` and on the CPU);
+    top-p's mass comes from one float64 cumsum over the sorted row.
     """
     m, V = weights.shape
+    dev = weights.device
     top_k = [p.top_k if 0 < p.top_k < V else V for p in params]
     sorted_rows = [i for i, p in enumerate(params) if top_k[i] < V or p.top_p < 1.0]
     with_min_p = any(p.min_p > 0.0 for p in params)
     if not sorted_rows and not with_min_p:
         return None
-    thr = torch.zeros(m, 1)
+    thr = torch.zeros(m, 1, device=dev)
     if sorted_rows:
-        w = weights if len(sorted_rows) == m else weights[sorted_rows]
-        asc = torch.from_numpy(np.sort(w.numpy(), axis=-1))  # [s, V]; NumPy's sort is ~10x torch's on the CPU
-        k = torch.tensor([top_k[i] for i in sorted_rows]).unsqueeze(1)
+        w = weights if len(sorted_rows) == m else weights[torch.tensor(sorted_rows, device=dev)]
+        # [s, V] ascending; NumPy's sort is ~10x torch's on the CPU
+        asc = torch.from_numpy(np.sort(w.numpy(), axis=-1)) if use_numpy and dev.type == "cpu" else w.sort(dim=-1).values
+        k = torch.tensor([top_k[i] for i in sorted_rows], device=dev).unsqueeze(1)
         kth = asc.gather(1, V - k)  # [s, 1]; top-k keeps every token >= the k-th largest (ties included)
-        top_p = torch.tensor([params[i].top_p for i in sorted_rows], dtype=torch.float64).unsqueeze(1)
+        top_p = torch.tensor([params[i].top_p for i in sorted_rows], dtype=torch.float64, device=dev).unsqueeze(1)
         if bool((top_p < 1.0).any()):
             cum = asc.double().cumsum_(dim=-1)  # [s, V]
             total = cum[:, -1:]
@@ -314,9 +327,9 @@ def cut_thresholds(weights: torch.Tensor, params: list[SamplingParams]) -> torch
             # top-k's mass: the smallest set of most likely tokens whose mass reaches top_p
             first_p = torch.searchsorted(cum, total - top_p * mass_k, right=True).clamp_max(V - 1)
             kth = torch.where(top_p < 1.0, torch.maximum(kth, asc.gather(1, first_p)), kth)
-        thr[sorted_rows] = kth
+        thr[torch.tensor(sorted_rows, device=dev)] = kth
     if with_min_p:
-        thr = torch.maximum(thr, torch.tensor([p.min_p for p in params], dtype=torch.float32).unsqueeze(1))
+        thr = torch.maximum(thr, torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev).unsqueeze(1))
     return thr
 
 
@@ -327,18 +340,21 @@ def apply_penalties(x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """
     m, V = x.shape
     params = [r.params for r in rows]
+    dev = x.device
     x = x.clone(memory_format=torch.contiguous_format)
     flat = x.view(-1)  # [m * V]; the key of (row i, token t) is i * V + t
-    out_keys, out_counts = map(torch.from_numpy, _unique_counts(_keys([r.output_ids for r in rows], V)))
+    out_keys, out_counts = _unique_counts(_keys([r.output_ids for r in rows], V))  # (on the host: token ids)
     if any(p.repetition_penalty != 1.0 for p in params):
         prompt_keys = _keys([r.prompt_ids if p.repetition_penalty != 1.0 else () for r, p in zip(rows, params)], V)
-        seen = torch.from_numpy(_unique_counts(np.concatenate([out_keys.numpy(), prompt_keys]))[0])
-        rep = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32)[seen // V]
+        seen = torch.from_numpy(_unique_counts(np.concatenate([out_keys, prompt_keys]))[0])
+        rep = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32)[seen // V].to(dev)
+        seen = seen.to(dev)
         v = flat[seen]
         flat[seen] = torch.where(v > 0, v / rep, v * rep)
+    out_keys, out_counts = torch.from_numpy(out_keys), torch.from_numpy(out_counts)
     freq = torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32)[out_keys // V]
     presence = torch.tensor([p.presence_penalty for p in params], dtype=torch.float32)[out_keys // V]
-    flat[out_keys] -= freq * out_counts + presence  # keys are unique: one update per (row, token)
+    flat[out_keys.to(dev)] -= (freq * out_counts + presence).to(dev)  # keys are unique: one update per (row, token)
     return x
 
 

@@ -4,6 +4,7 @@ stop conditions, aborts and fair scheduling, each checked against requests run o
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 
@@ -171,19 +172,31 @@ def test_logprobs(engine):
         assert lp.logprob <= 0 and abs(lp.top[0][1] - lp.logprob) < 1e-6
 
 
-def test_a_mixed_batch_samples_each_row_as_it_would_alone(engine):
-    """Rows the engine only takes an argmax of (plain greedy: on the device holding the logits) next to
-    rows it samples on the host (logprobs, a penalty, a seeded draw, n = 2) in the same steps: each
-    request's tokens are those it gets alone."""
+@pytest.mark.parametrize("numpy_on_cpu", [True, False])  # False: the path a GPU's logits take, run here
+def test_a_mixed_batch_samples_each_row_as_it_would_alone(engine, numpy_on_cpu):
+    """Rows the engine only takes an argmax of (plain greedy) next to rows the sampler draws (logprobs, a
+    penalty, a seeded draw, n = 2) and a row under a grammar (masked on the host), in the same steps:
+    each request's tokens are those it gets alone."""
+    from kiln.runtime.grammar import ResponseFormat
+
     ids = engine.tokenizer.encode("def parse(self, text):\n    ")
+    grammar = engine.compile_grammar(ResponseFormat.from_openai({"type": "regex", "regex": "[a-z]+ = [0-9]+"}))
     params = {"plain": greedy(12), "logprobs": greedy(12, logprobs=2), "penalty": greedy(12, repetition_penalty=1.3),
               "seeded": SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True),
-              "two": SamplingParams(max_tokens=12, temperature=0.0, n=2, ignore_eos=True)}
-    alone = {k: tokens_of(engine.generate([Request(f"alone-{k}", ids, p)])[f"alone-{k}"]) for k, p in params.items()}
-    together = engine.generate([Request(k, ids, p) for k, p in params.items()])
-    assert {k: tokens_of(v) for k, v in together.items()} == alone
+              "two": SamplingParams(max_tokens=12, temperature=0.0, n=2, ignore_eos=True),
+              "grammar": SamplingParams(max_tokens=12, temperature=0.7, seed=5)}
+    reqs = lambda tag: [Request(f"{tag}{k}", ids, p, grammar=grammar if k == "grammar" else None)  # noqa: E731
+                        for k, p in params.items()]
+    engine.sampler.numpy_on_cpu = numpy_on_cpu
+    try:
+        alone = {r.request_id[1:]: tokens_of(engine.generate([r])[r.request_id]) for r in reqs("a")}
+        together = {k[1:]: tokens_of(v) for k, v in engine.generate(reqs("t")).items()}
+    finally:
+        engine.sampler.numpy_on_cpu = True
+    assert together == alone
     assert alone["two"][0] == alone["two"][1] == alone["plain"][0]
-    assert alone["penalty"][0] != alone["plain"][0]  # (the penalty changes the choice: a host row)
+    assert alone["penalty"][0] != alone["plain"][0]  # (the penalty changes the choice: a sampler row)
+    assert re.fullmatch("[a-z]+ = [0-9]+", engine.tokenizer.decode(alone["grammar"][0]))
     assert_only_cache_holds_pages(engine)
 
 

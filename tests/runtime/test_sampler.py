@@ -12,7 +12,7 @@ import torch
 
 from kiln.errors import RequestError
 from kiln.runtime.sampler import (Sampler, SamplingParams, SamplingRow, apply_penalties, argmax_rows,
-                                  choice_generator, penalised_logits, probabilities, rows_on_host, sample)
+                                  choice_generator, penalised_logits, probabilities, sample, take_rows)
 
 V = 12
 
@@ -447,10 +447,10 @@ def test_argmax_rows_is_the_samplers_greedy_choice(numpy_on_cpu):
     assert argmax_rows(x[:, :256], list(range(6)), numpy_on_cpu=numpy_on_cpu) == x[:, :256].argmax(-1).tolist()
 
 
-def test_rows_on_host_views_every_row_and_copies_a_subset():
+def test_take_rows_views_every_row_and_copies_a_subset():
     x = torch.randn(4, 10)
-    assert rows_on_host(x, [0, 1, 2, 3]).data_ptr() == x.data_ptr()  # (the engine masks it in place)
-    sub = rows_on_host(x, [3, 1, 1])
+    assert take_rows(x, [0, 1, 2, 3]).data_ptr() == x.data_ptr()  # (the engine masks it in place)
+    sub = take_rows(x, [3, 1, 1])
     assert sub.data_ptr() != x.data_ptr() and torch.equal(sub, x[[3, 1, 1]])
 
 
@@ -637,3 +637,32 @@ def test_top_k_fast_path_falls_back_on_a_tie():
     draws = draw_many(x[0].numpy(), params, 6000, seed=1)
     assert set(np.unique(draws)) <= set(range(3)) | set(range(100, 400))
     assert (draws >= 100).sum() > 1000 and len(set(draws[draws >= 100])) > 200  # the whole tie, not 7 of it
+
+
+@pytest.mark.parametrize("all_top_k", [False, True])  # True: the NumPy side takes its top-k fast path
+def test_torch_path_draws_what_the_numpy_path_draws(all_top_k):
+    """The path a GPU's logits take (torch alone, ``numpy_on_cpu=False``), run here: the same tokens and
+    logprobs as the NumPy path for the same logits and generators, over every kind of row in one batch."""
+    x = _big_logits(48, seed=2)
+    kws = [dict(top_k=50, temperature=0.8, top_p=0.95), dict(top_k=5, min_p=0.1), dict(top_k=1, logprobs=3),
+           dict(top_k=20, repetition_penalty=1.4, frequency_penalty=0.5, presence_penalty=0.3, seed=3)]
+    if not all_top_k:
+        kws += [dict(), dict(temperature=0), dict(temperature=0, logprobs=2), dict(top_p=0.3, temperature=1.5),
+                dict(min_p=0.2), dict(temperature=0, repetition_penalty=2.0)]
+
+    def rows():
+        out = []
+        for i in range(48):
+            p = SamplingParams(**kws[i % len(kws)])
+            out.append(SamplingRow(p, choice_generator(p.seed, i) if p.seed is not None else None,
+                                   prompt_ids=list(range(i, i + 30)), output_ids=[i, 7, 7, 2999]))
+        return out
+
+    want = Sampler(x.shape[1], seed=4)(x, rows())
+    got = Sampler(x.shape[1], seed=4, numpy_on_cpu=False)(x, rows())
+    assert got[0] == want[0]
+    for a, b in zip(got[1], want[1]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-6
+            assert [t for t, _ in a.top] == [t for t, _ in b.top]
