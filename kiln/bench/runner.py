@@ -3,8 +3,9 @@
 - latency: for each batch size B, B prompts of ``input_len`` random tokens are submitted together.
   The prefill time is the sum of the ``engine.step()`` times until every prompt has its first token
   (chunked under the step's token budget; the steps may include early finishers' first decodes).
-  Then ``output_len`` decode-only steps (all B sequences compute one token each) are timed one by
-  one; the requests are aborted after them. Decode tokens/s is B / mean step time.
+  Then one untimed decode-only step (all B sequences compute one token each; on a GPU it captures the
+  CUDA graph of batch size B, once per engine), then ``output_len`` such steps, timed one by one; the
+  requests are aborted after them. Decode tokens/s is B / mean step time.
 - throughput: ``num_prompts`` ShareGPT-like requests (workload.py) submitted at once; the engine runs
   them to completion. Requests/s, output tokens/s and total tokens/s over the whole run.
 - serving: for each request rate, the same request set arrives as a Poisson process. Between steps
@@ -121,9 +122,9 @@ def latency_at_batch(engine, bench: BenchConfig, batch: int, seed: int) -> dict:
     engine.clear_prefix_cache()
     # room to keep decoding whatever the prefill's chunking did: the requests are aborted after the timed steps
     room = engine.kv.max_sequence_tokens(engine.spec.context_len) - bench.input_len
-    if room < 1 + bench.output_len:
+    if room < 2 + bench.output_len:
         raise KilnError(f"the KV cache holds {bench.input_len + room} tokens, fewer than --input-len "
-                        f"{bench.input_len} + 1 + --output-len {bench.output_len}; raise --kv-cache-memory")
+                        f"{bench.input_len} + 2 + --output-len {bench.output_len}; raise --kv-cache-memory")
     params = _greedy(room)
     reqs = workload.fixed_requests(batch, bench.input_len, bench.output_len, engine.spec.vocab_size, seed)
     ids = [f"latency-{batch}-{i}" for i in range(batch)]
@@ -138,12 +139,14 @@ def latency_at_batch(engine, bench: BenchConfig, batch: int, seed: int) -> dict:
         prefill_steps += 1
         started.update(o.request_id for o in outs if any(c.token_ids for c in o.outputs))
     step_s: list[float] = []
+    warm = False  # the first decode-only step at this batch size is not timed: it may capture a CUDA graph
     while len(step_s) < bench.output_len and engine.has_unfinished():
         decode_only = _decoding(engine, batch)
         t = time.perf_counter()
         engine.step()
-        if decode_only:
+        if decode_only and warm:
             step_s.append(time.perf_counter() - t)
+        warm = warm or decode_only
     for rid in ids:
         engine.abort_request(rid)
     while engine.has_unfinished():

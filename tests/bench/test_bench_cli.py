@@ -151,3 +151,21 @@ def test_random_weights_reach_the_engine(demo, tmp_path):
     assert got["engine_config"]["random_weights"] == 5 and got["options"]["random_weights"] == 5
     assert "latency" in got and "throughput" not in got and "serving" not in got
     assert got["latency"][0]["decode_steps"] == 2
+
+
+def test_latency_leaves_the_first_decode_step_of_each_batch_untimed(demo):
+    """On a GPU the first decode step at a new batch size captures its CUDA graph: one decode-only step
+    runs untimed before the ``output_len`` timed ones."""
+    from kiln.bench.runner import BenchConfig, _decoding, latency_at_batch
+    from kiln.runtime.engine import Engine, EngineConfig
+
+    engine = Engine(demo, EngineConfig(max_num_seqs=4, kv_cache_memory=32 << 20))
+    decode_steps, step = [], engine.step
+
+    def counted():
+        decode_steps.append(_decoding(engine, 3))
+        return step()
+
+    engine.step = counted
+    row = latency_at_batch(engine, BenchConfig(input_len=8, output_len=3, progress=False), 3, seed=1)
+    assert row["decode_steps"] == 3 and sum(decode_steps) == 4
