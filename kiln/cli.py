@@ -273,6 +273,10 @@ def serve(artifact, host, port, api_key, policy, max_num_seqs, max_batched_token
     config = EngineConfig(**{k: v for k, v in given.items() if v is not None})
     sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     engine = Engine(artifact, config)
+    if engine.decode_graph_bound is not None:  # capture now, not in the first clients' steps
+        t = time.perf_counter()
+        sizes = engine.capture_decode_graphs()
+        click.echo(f"kiln: captured decode CUDA graphs at {len(sizes)} batch sizes in {time.perf_counter() - t:.1f}s")
     app = build_app(AsyncEngine(engine), api_key=api_key)
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
     bound = sock.getsockname()[1]

@@ -96,14 +96,25 @@ def _greedy(max_tokens: int):
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
 
-def warm_up(engine, bench: BenchConfig) -> None:
-    """One short request first, so one-time costs (allocations, first calls) stay out of the numbers."""
+def warm_up(engine, bench: BenchConfig) -> dict:
+    """One short request first, so one-time costs (allocations, first calls) stay out of the numbers;
+    then, where the artifact has decode CUDA graphs, one decode step at every batch size the runs can
+    have (the latency batch sizes; 1 to num_prompts for throughput and serving), capturing each graph
+    as ``kiln serve`` does at startup. Returns what it did: ``{"graph_batch_sizes", "graph_seconds"}``."""
     from ..runtime.outputs import Request
 
     (req,) = workload.fixed_requests(1, min(bench.input_len, engine.spec.context_len - 3), 2,
                                      engine.spec.vocab_size, bench.seed + 10_000)
     engine.generate([Request("bench-warmup", list(req.prompt_ids), _greedy(2))])
     engine.clear_prefix_cache()
+    if engine.decode_graph_bound is None:
+        return {"graph_batch_sizes": 0, "graph_seconds": 0.0}
+    sizes = set(bench.batch_sizes) if "latency" in bench.modes else set()
+    if {"throughput", "serving"} & set(bench.modes):
+        sizes |= set(range(1, bench.num_prompts + 1))
+    t = time.perf_counter()
+    seen = engine.capture_decode_graphs(sizes)
+    return {"graph_batch_sizes": len(seen), "graph_seconds": round(time.perf_counter() - t, 3)}
 
 
 # -- latency --------------------------------------------------------------------------------------------
@@ -274,7 +285,7 @@ def run_bench(artifact: str | Path, bench: BenchConfig, config=None) -> dict:
     }
     if {"throughput", "serving"} & set(bench.modes):
         result["workload"] = workload_info(engine, bench)
-    warm_up(engine, bench)
+    result["warm_up"] = warm_up(engine, bench)
     if "latency" in bench.modes:
         result["latency"] = run_latency(engine, bench)
     if "throughput" in bench.modes:

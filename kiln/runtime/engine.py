@@ -26,7 +26,7 @@ from ..scheduler.sequence import Sequence, Status
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import KVCacheConfig
 from .outputs import CompletionOutput, EngineStats, Request, RequestOutput
-from .sampler import Sampler, SamplingRow, choice_generator, take_rows
+from .sampler import Sampler, SamplingParams, SamplingRow, choice_generator, take_rows
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("kiln.engine")
@@ -356,6 +356,33 @@ class Engine:
                            generation_tokens=s.generation_tokens, preemptions=s.preemptions,
                            requests_finished=dict(self.finished_by_reason), kv_sequences=len(self.kv.live),
                            cached_sequences=len(self.scheduler.cache))
+
+    @property
+    def decode_graph_bound(self) -> int | None:
+        """The largest decode batch the artifact's CUDA graphs are planned for; None where it has none
+        (a CPU artifact, ``--no-cuda-graph``, a grouped-KV model)."""
+        bound = self.artifact.manifest.get("options", {}).get("max_batch_size")
+        return bound if self.runner.device == "cuda" else None
+
+    def capture_decode_graphs(self, sizes=None) -> list[int]:
+        """Run one decode step at each batch size of ``sizes`` (default: every size a step can have, up to
+        max_num_seqs and the step's token budget), largest first, so that a GPU captures each size's CUDA
+        graph now instead of in the first requests' steps. Each step is that many one-token prompts, each
+        asking for one token; afterwards the engine is as new (no sequence, no cached prefix, counters at
+        zero). Returns the batch sizes of the steps run. Call it before taking requests."""
+        assert not self.has_unfinished(), "capture_decode_graphs runs on an idle engine"
+        top = min(self.config.max_num_seqs, self.scheduler.config.max_batched_tokens)
+        sizes = sorted({b for b in (sizes or range(1, top + 1)) if 1 <= b <= top}, reverse=True)
+        params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        first = len(self.step_times)
+        for b in sizes:
+            self.generate([Request(f"kiln-graph-warmup-{b}-{i}", [i % self.spec.vocab_size], params) for i in range(b)])
+        seen = [t[0] for t in self.step_times[first:]]
+        self.clear_prefix_cache()
+        self.scheduler.stats = type(self.scheduler.stats)()
+        self.finished_by_reason.clear()
+        self.step_times.clear()
+        return seen
 
     def clear_prefix_cache(self) -> None:
         """Drop every prefix-cache entry (their pages come back unless a running fork still uses them)."""

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.cpu
 
 BATCH_SIZES, INPUT_LEN, OUTPUT_LEN, NUM_PROMPTS, RATES = [1, 4], 32, 8, 8, ["4", "inf"]
 TOP_KEYS = ("kiln_version", "date", "artifact", "artifact_path", "target", "device", "model", "engine_config",
-            "modes", "options", "workload", "slo_ms", "latency", "throughput", "serving")
+            "warm_up", "modes", "options", "workload", "slo_ms", "latency", "throughput", "serving")
 LATENCY_KEYS = ("batch_size", "input_len", "output_len", "prefill_steps", "prefill_ms", "prefill_tokens_per_s",
                 "decode_steps", "mean_decode_step_ms", "p50_decode_step_ms", "p99_decode_step_ms",
                 "decode_tokens_per_s")
@@ -52,6 +52,7 @@ def test_json_has_every_key(run, demo):
     assert set(TOP_KEYS) <= set(got)
     assert got["artifact"] == demo.name and got["device"] == "cpu" and got["target"]["name"] == "cpu"
     assert got["kiln_version"] and got["date"] and got["model"]["context_len"] == 512
+    assert got["warm_up"] == {"graph_batch_sizes": 0, "graph_seconds": 0.0}  # a CPU artifact: no CUDA graphs
     assert got["modes"] == ["latency", "throughput", "serving"]
     assert got["options"]["batch_sizes"] == BATCH_SIZES and got["options"]["request_rates"] == [4.0, "inf"]
     assert got["slo_ms"] == {"ttft": 60000.0, "tpot": 10000.0, "e2el": 60000.0}

@@ -295,3 +295,15 @@ def test_logits_of_a_step_survive_the_next(engine):
     finally:
         kv.remove_sequence(a)
         kv.remove_sequence(b)
+
+
+def test_capture_decode_graphs_steps_once_at_each_batch_size(demo):
+    """Each step a one-token prompt per sequence: one decode step at every batch size, largest first, and
+    afterwards an engine as new (a CPU artifact has no graphs; the steps and what they leave are the same)."""
+    eng = Engine(demo, EngineConfig(max_num_seqs=5, max_batched_tokens=64, kv_cache_memory=16 << 20))
+    assert eng.decode_graph_bound is None  # (CPU)
+    assert eng.capture_decode_graphs() == [5, 4, 3, 2, 1]
+    assert eng.capture_decode_graphs([8, 3, 3, 1]) == [3, 1]  # sizes past max_num_seqs cannot occur
+    s = eng.stats()
+    assert (s.running, s.waiting, s.kv_sequences, s.prompt_tokens, s.generation_tokens) == (0, 0, 0, 0, 0)
+    assert s.kv_pages_free == s.kv_pages_total and s.requests_finished == {} and eng.step_times == []
