@@ -2,9 +2,8 @@
 
 ``Sampler`` is the engine's batched path, over torch tensors on whichever device holds the logits (on a GPU
 no [b, V] array crosses to the host; only ids, and logprobs when asked); ``Sampler.argmax`` is its greedy
-choice alone (the engine's rows with nothing else to do).
-``probabilities`` is the same math for one row in plain NumPy float64, the reference the tests hold the
-batched path to. ``sample`` is the older
+choice alone (the engine's rows with nothing else to do). ``probabilities`` is the same math for one
+row in plain NumPy float64, the reference the tests hold the batched path to. ``sample`` is the older
 one-row NumPy path that ``llm.py`` still uses.
 
 Per row, in this order:
