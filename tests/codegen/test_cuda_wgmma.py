@@ -20,7 +20,7 @@ import struct
 import sys
 from pathlib import Path
 
-from kiln.codegen.cuda_wgmma import KERNEL, KERNEL_ADD, KERNEL_ATTR, WgmmaConfig, WgmmaLinear, build_cubin, \
+from kiln.codegen.cuda_wgmma import KERNEL, KERNEL_ADD, KERNEL_ATTR, KERNELS, WgmmaConfig, WgmmaLinear, build_cubin, \
     match_linear, source
 from kiln.codegen.targets import CUDA_ARCHS, resolve_target
 from kiln.ir.tvm import te, tirx, tvm
@@ -61,9 +61,10 @@ def test_cubin_holds_hgmma_without_spills(tmp_path, in_flight):
     assert sass.returncode == 0, sass.stderr
     assert re.search(r"\.target\s+sm_90a", sass.stdout)
     functions = re.split(r"Function : ", sass.stdout)[1:]
-    assert sorted(f.split()[0] for f in functions) == [KERNEL, KERNEL_ADD]  # (D = ..., and D = ... + R)
-    for f in functions:
-        assert len(re.findall(r"\bHGMMA\.64x256x16\.F32\b", f)) == WgmmaConfig().bk // 16
+    assert sorted(f.split()[0] for f in functions) == sorted(KERNELS.values())  # fp16, bf16; D = ..., D = ... + R
+    for f in functions:  # four k16 steps per slice, bf16's on bf16 operands
+        suffix = r"\.BF16" if "_bf16" in f.split()[0] else ""
+        assert len(re.findall(rf"\bHGMMA\.64x256x16\.F32{suffix} ", f)) == WgmmaConfig().bk // 16, f.split()[0]
     assert re.search(r"\bLDGSTS\b", sass.stdout) and re.search(r"\bWARPGROUP\.ARRIVE\b", sass.stdout)
     for f in functions:  # in the k loop, wait until at most in_flight groups run; all of them before the epilogue
         waits = re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[0-9a-f]+)", f)
@@ -103,6 +104,9 @@ def test_match_linear_takes_the_fused_prefill_linears():
     from gemm import linear  # [1, m, K] with a leading 1
 
     assert match_linear(linear(4096, 4096)).n == 4096
+    assert match_linear(fused_linear()).kernel == KERNEL and match_linear(func).kernel == KERNEL_ADD
+    lin = match_linear(fused_linear(dtype="bfloat16", residual=True))
+    assert lin.dtype == "bfloat16" and lin.kernel == KERNELS[("bfloat16", True)] == "kiln_wgmma_gemm_bf16_add"
 
 
 @pytest.mark.parametrize("case", ["fp32", "n128", "k32", "static_rows", "silu", "swapped"])
@@ -118,6 +122,8 @@ def test_rule_only_on_archs_with_wgmma():
     assert WgmmaLinear().apply(fused_linear(), resolve_target("cuda", "sm_90").tvm_target(), False) is None
     f = WgmmaLinear().apply(fused_linear(residual=True), resolve_target("cuda", "sm_90a").tvm_target(), False)
     assert str(f.attrs[KERNEL_ATTR]) == KERNEL_ADD and f"call_packed(\"{KERNEL_ADD}\"" in f.script()
+    f = WgmmaLinear().apply(fused_linear(dtype="bfloat16"), resolve_target("cuda", "sm_90a").tvm_target(), False)
+    assert str(f.attrs[KERNEL_ATTR]) == "kiln_wgmma_gemm_bf16" and 'call_packed("kiln_wgmma_gemm_bf16"' in f.script()
 
 
 @needs_nvcc

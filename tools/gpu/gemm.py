@@ -47,7 +47,8 @@ MMA_CONFIGS = {
 }
 CONFIG_MS = (4096, 2048, 512)
 # WgmmaConfig fields per variant: "wait" (the default) drains each k-slice's wgmmas before the next,
-# "inflight1" keeps one slice's running while it issues the next (one slice less of copies ahead)
+# "inflight1" keeps one slice's running while it issues the next (one slice less of copies ahead);
+# each is timed in fp16 and, as "<name>-bf16", in bf16
 WGMMA_VARIANTS = {"wait": {}, "inflight1": {"mma_in_flight": 1}}
 
 
@@ -236,23 +237,28 @@ def _run_lowbatch(ffi, low: Path, results: dict, save, gen) -> None:
 def _run_wgmma(out: Path, results: dict, save, gen) -> None:
     import torch
 
-    from kiln.codegen.cuda_wgmma import KERNEL, WgmmaConfig  # (plain Python: no TVM needed)
+    from kiln.codegen.cuda_wgmma import KERNELS, WgmmaConfig  # (plain Python: no TVM needed)
 
-    wgmma = {name: (out / f"wgmma_{name}_sm_90a.cubin", WgmmaConfig(**fields)) for name, fields in WGMMA_VARIANTS.items()}
-    wgmma = {name: (_driver_kernel(path, KERNEL, smem=cfg.smem_bytes), cfg)
-             for name, (path, cfg) in wgmma.items() if path.exists()}
+    wgmma = {}
+    for name, fields in WGMMA_VARIANTS.items():
+        path, cfg = out / f"wgmma_{name}_sm_90a.cubin", WgmmaConfig(**fields)
+        if path.exists():
+            for dtype, suffix in (("float16", ""), ("bfloat16", "-bf16")):
+                wgmma[name + suffix] = (_driver_kernel(path, KERNELS[(dtype, False)], smem=cfg.smem_bytes), cfg,
+                                        getattr(torch, dtype))
     if wgmma:
         results["wgmma"] = []
         for m in CONFIG_MS + (17,):  # every variant on the same inputs
             a = torch.randn(1, m, K, device="cuda", dtype=torch.float16, generator=gen) * 0.1
             w = torch.randn(N, K, device="cuda", dtype=torch.float16, generator=gen) * 0.1
             row = {"m": m, "n": N, "k": K, "ok": {}, "max_abs_err": {}, "tflops": {}}
-            for name, (launch, cfg) in wgmma.items():
-                d = torch.zeros(1, m, N, device="cuda", dtype=torch.float16)
-                call = lambda: launch((N // cfg.bn, -(-m // cfg.bm)), cfg.threads, a, w, d, m, N, K)  # noqa: E731, B023
+            for name, (launch, cfg, dt) in wgmma.items():
+                at, wt = a.to(dt), w.to(dt)
+                d = torch.zeros(1, m, N, device="cuda", dtype=dt)
+                call = lambda: launch((N // cfg.bn, -(-m // cfg.bm)), cfg.threads, at, wt, d, m, N, K)  # noqa: E731, B023
                 call()
                 torch.cuda.synchronize()
-                err, scale, row["ok"][name] = _check(d, a, w)
+                err, scale, row["ok"][name] = _check(d, at, wt)
                 row["max_abs_err"][name], row["ref_max_abs"] = err, scale
                 row["tflops"][name] = round(2 * m * N * K / _timed(call) / 1e12, 1)
             results["wgmma"].append(row)
