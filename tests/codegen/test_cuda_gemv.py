@@ -131,7 +131,7 @@ def test_gpu_bundle_kernel_benchmark_builds_every_variant(tmp_path):
                           cwd=ROOT, env={**os.environ, "TVM_KERNEL_DUMP": str(dump)}, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    for variant in ("wait", "inflight1"):  # kiln/codegen/cuda_wgmma.py's
+    for variant in ("wait", "inflight1", "n128s6"):  # kiln/codegen/cuda_wgmma.py's
         assert (tmp_path / "gemm" / f"wgmma_{variant}_sm_90a.cubin").stat().st_size > 0
     info = json.loads((tmp_path / "gemm" / "lowbatch_sm_90.json").read_text())
     assert info["variants"] == ["mma", *(f"gemv{b}" for _, b in LOW_BATCH), "kiln"]

@@ -46,9 +46,11 @@ def test_config_fits_hopper_shared_memory_and_rejects_bad_tiles():
 
 @needs_nvcc
 @pytest.mark.cuda_compile
-@pytest.mark.parametrize("in_flight", [0, 1])
-def test_cubin_holds_hgmma_without_spills(tmp_path, in_flight):
-    cubin = build_cubin(tmp_path / "wgmma.cubin", WgmmaConfig(mma_in_flight=in_flight))
+@pytest.mark.parametrize("fields", [{}, {"mma_in_flight": 1}, {"bn": 128, "stages": 6, "mma_in_flight": 1}])
+def test_cubin_holds_hgmma_without_spills(tmp_path, fields):  # (the configurations gemm.py times)
+    cfg = WgmmaConfig(**fields)
+    assert cfg.smem_bytes <= CUDA_ARCHS["sm_90a"].max_shared_memory_per_block
+    cubin = build_cubin(tmp_path / "wgmma.cubin", cfg)
     ptxas = subprocess.run([NVCC, "-cubin", "-arch=sm_90a", "-O3", "-std=c++17", "-Xptxas", "-v", "-o",
                             str(tmp_path / "again.cubin"), str(cubin.with_suffix(".cu"))],
                            capture_output=True, text=True, timeout=300)
@@ -64,11 +66,11 @@ def test_cubin_holds_hgmma_without_spills(tmp_path, in_flight):
     assert sorted(f.split()[0] for f in functions) == sorted(KERNELS.values())  # fp16, bf16; D = ..., D = ... + R
     for f in functions:  # four k16 steps per slice, bf16's on bf16 operands
         suffix = r"\.BF16" if "_bf16" in f.split()[0] else ""
-        assert len(re.findall(rf"\bHGMMA\.64x256x16\.F32{suffix} ", f)) == WgmmaConfig().bk // 16, f.split()[0]
+        assert len(re.findall(rf"\bHGMMA\.64x{cfg.bn}x16\.F32{suffix} ", f)) == cfg.bk // 16, f.split()[0]
     assert re.search(r"\bLDGSTS\b", sass.stdout) and re.search(r"\bWARPGROUP\.ARRIVE\b", sass.stdout)
     for f in functions:  # in the k loop, wait until at most in_flight groups run; all of them before the epilogue
         waits = re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[0-9a-f]+)", f)
-        assert f"0x{in_flight:x}" in waits and waits[-1] == "0x0", waits
+        assert f"0x{cfg.mma_in_flight:x}" in waits and waits[-1] == "0x0", waits
 
 
 def i64(v):

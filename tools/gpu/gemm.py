@@ -47,9 +47,10 @@ MMA_CONFIGS = {
 }
 CONFIG_MS = (4096, 2048, 512)
 # WgmmaConfig fields per variant: "wait" (the default) drains each k-slice's wgmmas before the next,
-# "inflight1" keeps one slice's running while it issues the next (one slice less of copies ahead);
+# "inflight1" keeps one slice's running while it issues the next (one slice less of copies ahead),
+# "n128s6" does that on 128 x 128 tiles with a 6-deep ring (half the accumulators, four slices ahead);
 # each is timed in fp16 and, as "<name>-bf16", in bf16
-WGMMA_VARIANTS = {"wait": {}, "inflight1": {"mma_in_flight": 1}}
+WGMMA_VARIANTS = {"wait": {}, "inflight1": {"mma_in_flight": 1}, "n128s6": {"bn": 128, "stages": 6, "mma_in_flight": 1}}
 
 
 def linear(n: int, k: int):
