@@ -117,7 +117,30 @@ def test_collect_keeps_failures_and_derives_the_bandwidth_fraction(tmp_path):
     assert "| 4096 | 200.0 | 250.0 | 400.0 | w2x4 |" in md  # tile configurations, fastest correct one
     assert "| 4096 | 500.0 | 600.0 x | wait |  | 2.00x |" in md  # wgmma (no fp16 peak in this run: no fraction)
     assert "| 64x32 | 4 | 250 | 500 | 333 | 50.0% | True |" in md
+    assert results["summary"]["recommended"] == {"MMAConfig": "w2x4", "WgmmaConfig": "wait", "low_batch": {
+        "fastest_per_m": {"4": "mma"}, "LOW_BATCH": []}}
+    assert "| cuda_wgmma.WgmmaConfig (gemm.py WGMMA_VARIANTS, fastest correct at m = 4096) | wait |" in md
     assert "Failed: demo." in md
+
+
+def test_recommend_low_batch_follows_the_fastest_correct_linear_per_m():
+    collect = load_tool("collect")
+
+    def row(m, n, us, wrong=()):
+        return {"m": m, "n": n, "k": 64, "us": us, "ok": {v: v not in wrong for v in us if v != "torch"}}
+
+    rows = [row(1, 64, {"mma": 9, "gemv1": 2, "gemv4": 3, "gemv8": 4, "kiln": 2, "torch": 1}),
+            row(1, 128, {"mma": 9, "gemv1": 2, "gemv4": 3, "gemv8": 4, "kiln": 2, "torch": 1}),
+            row(2, 64, {"mma": 9, "gemv1": 5, "gemv4": 3, "gemv8": 4}),
+            row(2, 128, {"mma": 9, "gemv1": 2, "gemv4": 3, "gemv8": 4}),  # gemv1 wins one shape, gemv4 the sum
+            row(4, 64, {"mma": 9, "gemv1": 9, "gemv4": 3, "gemv8": 1}, wrong=("gemv8",)),  # fastest but wrong
+            row(8, 64, {"mma": 9, "gemv1": 9, "gemv4": 5, "gemv8": 4}),
+            row(16, 64, {"mma": 3, "gemv1": 9, "gemv4": 5, "gemv8": 4}),
+            row(24, 64, {"mma": 9, "gemv1": 9, "gemv4": 5, "gemv8": 1})]  # past the GEMM's first win: ignored
+    got = collect.recommend_low_batch(rows)
+    assert got["fastest_per_m"] == {"1": "gemv1", "2": "gemv4", "4": "gemv4", "8": "gemv8", "16": "mma", "24": "gemv8"}
+    assert got["LOW_BATCH"] == [[1, 1], [4, 4], [8, 8]]
+    assert collect.recommend_low_batch([]) is None
 
 
 def test_tables_render_an_empty_run_with_empty_cells():

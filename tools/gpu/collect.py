@@ -62,6 +62,40 @@ def batch1_bandwidth(bench: dict, artifact: Path, copy_GBps: float | None) -> di
     return out
 
 
+def recommend_low_batch(rows: list[dict]) -> dict | None:
+    """gemm.py's low-batch rows -> what cuda_gemv.LOW_BATCH should be. At each m, the fastest of the MMA
+    GEMM and the GEMV buckets over every shape together (the sum of their times; a variant wrong on any
+    shape is out); then, m ascending, ``[largest m a bucket wins, that bucket]`` pairs, tightest first,
+    until the first m the GEMM wins (from there on the dispatch runs the GEMM)."""
+    times: dict[int, dict[str, float]] = {}
+    seen: dict[tuple[int, str], int] = {}  # (m, variant) -> shapes it ran correctly on
+    shapes: dict[int, int] = {}
+    for row in rows:
+        m = row["m"]
+        shapes[m] = shapes.get(m, 0) + 1
+        for v, us in row.get("us", {}).items():
+            if (v == "mma" or v.startswith("gemv")) and row.get("ok", {}).get(v):
+                times.setdefault(m, {})[v] = times.get(m, {}).get(v, 0.0) + us
+                seen[(m, v)] = seen.get((m, v), 0) + 1
+    winners = {}
+    for m in sorted(times):
+        ok = {v: t for v, t in times[m].items() if seen[(m, v)] == shapes[m]}  # correct on every shape
+        if ok:
+            winners[m] = min(ok, key=ok.get)
+    if not winners:
+        return None
+    pairs: list[list[int]] = []
+    for m, w in winners.items():
+        if w == "mma":
+            break
+        bucket = int(w.removeprefix("gemv"))
+        if pairs and pairs[-1][1] == bucket:
+            pairs[-1][0] = m
+        else:
+            pairs.append([m, bucket])
+    return {"fastest_per_m": {str(m): w for m, w in winners.items()}, "LOW_BATCH": pairs}
+
+
 def collect(work: Path, bundle: Path) -> tuple[dict, str]:
     parts, logs = {}, []
     for status_file in sorted(work.glob("*.status.json"), key=lambda p: p.stat().st_mtime):
@@ -141,6 +175,16 @@ def collect(work: Path, bundle: Path) -> tuple[dict, str]:
         if copy and "kiln" in gbps:
             cell["kiln_fraction_of_copy_bandwidth"] = round(gbps["kiln"] / copy, 4)
         summary.setdefault("lowbatch", {}).setdefault(f"{row['n']}x{row['k']}", {})[str(row["m"])] = cell
+    rec = {}  # what the run says the compiler's defaults should be
+    if "4096" in summary.get("gemm_configs", {}):
+        rec["MMAConfig"] = summary["gemm_configs"]["4096"]["best"]  # (MMA_CONFIGS' name; "default" is today's)
+    if summary.get("wgmma", {}).get("4096", {}).get("best"):
+        rec["WgmmaConfig"] = summary["wgmma"]["4096"]["best"]  # (gemm.py WGMMA_VARIANTS' name)
+    low = recommend_low_batch(gemm.get("lowbatch", []))
+    if low:
+        rec["low_batch"] = low
+    if rec:
+        summary["recommended"] = rec
     for part, key in (("demo", "demo_greedy_match"), ("demo-nograph", "demo_nograph_greedy_match")):
         demo = (parts.get(part) or {}).get("result") or {}
         if demo:
