@@ -24,7 +24,8 @@ Per row, in this order:
 The batched path works on weights exp((x - max) / T), the most likely token at 1, so the cuts are
 comparisons with a per-row threshold and nothing needs normalising. On the CPU, where NumPy's kernels are
 much faster than torch's on the same memory (argmax, sort, partition), it calls NumPy; on another device
-(or with ``numpy_on_cpu=False``, which the tests use to run that path here) the same steps are torch's.
+(or with ``numpy_on_cpu=False``, which the tests use to run that path here) the same steps are torch's,
+``topk`` taking the partition's place, so a GPU sorts no [m, V] rows for a batch cut at top_k <= 256.
 The uniforms always come from CPU generators, so a seeded row draws the same wherever it runs.
 """
 
@@ -208,8 +209,9 @@ class Sampler:
         temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=x.device).unsqueeze(1)
         # unnormalised probabilities, the most likely token at exactly 1: [m, V]
         weights = torch.sub(x, x.amax(dim=-1, keepdim=True)).div_(temperature).exp_()
-        if np_ok and V > 4 * TOP_K_FAST_PATH and all(0 < p.top_k <= TOP_K_FAST_PATH for p in params):
-            tokens = self._draw_top_k(weights.numpy(), rows, params)
+        if V > 4 * TOP_K_FAST_PATH and all(0 < p.top_k <= TOP_K_FAST_PATH for p in params):
+            tokens = self._draw_top_k(weights.numpy(), rows, params) if np_ok else \
+                self._draw_top_k_torch(weights, rows, params)
             if tokens is not None:
                 return tokens
         thr = cut_thresholds(weights, params, use_numpy=np_ok)
@@ -263,6 +265,40 @@ class Sampler:
         if over.any():
             pos[over] = c - 1 - np.argmax((weights[over] > 0)[:, ::-1], axis=1)
         return torch.from_numpy(idx[np.arange(m), pos].astype(np.int64))
+
+    def _draw_top_k_torch(self, w: torch.Tensor, rows: list[SamplingRow],
+                          params: list[SamplingParams]) -> torch.Tensor | None:
+        """``_draw_top_k`` in torch, where ``w`` lies (the candidates from ``topk``, no partition): the same
+        candidates wherever no tie forbids the fast path, so the same tokens."""
+        m, V = w.shape
+        dev = w.device
+        c = max(p.top_k for p in params) + 1
+        vals, idx = torch.topk(w, c, dim=1)  # [m, c] descending
+        vals, idx = vals.flip(1), idx.flip(1)  # ascending, as _draw_top_k has them
+        k = torch.tensor([p.top_k for p in params], device=dev)
+        kth = vals.gather(1, (c - k).unsqueeze(1))  # [m, 1]
+        if bool((kth <= vals[:, :1]).any()):
+            return None
+        vals64, thr = vals.double(), kth.double()
+        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float64, device=dev).unsqueeze(1)
+        if bool((top_p < 1.0).any()):
+            kept = torch.where(vals >= kth, vals64, 0.0)
+            above = kept.flip(1).cumsum(1).flip(1) - kept  # mass of the kept tokens more likely than j
+            mass_k = kept.sum(1, keepdim=True)
+            first_p = (above < top_p * mass_k).to(torch.uint8).argmax(dim=1, keepdim=True)  # the first True
+            thr = torch.where(top_p < 1.0, torch.maximum(thr, vals64.gather(1, first_p)), thr)
+        min_p = torch.tensor([p.min_p for p in params], dtype=torch.float64, device=dev).unsqueeze(1)
+        thr = torch.maximum(thr, min_p)
+        by_id = idx.argsort(dim=1)
+        idx, vals64 = idx.gather(1, by_id), vals64.gather(1, by_id)
+        weights = torch.where(vals64 >= thr, vals64, 0.0)
+        cdf = weights.cumsum(1)
+        target = self._uniforms(rows).to(dev) * cdf[:, -1]
+        pos = (cdf <= target.unsqueeze(1)).sum(1)  # first cdf > target
+        over = pos >= c  # u * total rounded up to total: the last token with weight
+        if bool(over.any()):
+            pos[over] = c - 1 - (weights[over] > 0).flip(1).to(torch.uint8).argmax(dim=1)
+        return idx.gather(1, pos.unsqueeze(1)).squeeze(1)
 
     def _uniforms(self, rows: list[SamplingRow]) -> torch.Tensor:
         """One U[0, 1) per row, float64 [m]: from the row's own generator, else from one draw of the shared one."""

@@ -345,11 +345,11 @@ def test_greedy_probabilities_are_one_hot():
 
 
 def draw_many(logits_row, params: SamplingParams, n: int, seed: int = 0, prompt_ids=(), output_ids=(),
-              pad: int = 0) -> np.ndarray:
+              pad: int = 0, numpy_on_cpu: bool = True) -> np.ndarray:
     """n independent draws of one row: one batch of n copies (each row gets its own uniform)."""
     row = torch.as_tensor(np.asarray(logits_row, dtype=np.float32))
     x = torch.cat([row, torch.full((pad,), 1e30)]).repeat(n, 1)  # padded columns would win any draw
-    sampler = Sampler(len(logits_row), seed=seed)
+    sampler = Sampler(len(logits_row), seed=seed, numpy_on_cpu=numpy_on_cpu)
     tokens, lps = sampler(x, [SamplingRow(params, None, prompt_ids, output_ids)] * n)
     assert lps == [None] * n
     return np.array(tokens)
@@ -627,20 +627,21 @@ def test_top_k_fast_path_draws_what_the_full_path_draws(monkeypatch):
     assert fast == full
 
 
-def test_top_k_fast_path_falls_back_on_a_tie():
+@pytest.mark.parametrize("numpy_on_cpu", [True, False])
+def test_top_k_fast_path_falls_back_on_a_tie(numpy_on_cpu):
     """A tie at the k-th weight with tokens outside the candidates: the full path keeps them all."""
     V = 2000
     x = torch.full((1, V), -5.0)
     x[0, :3] = 4.0
     x[0, 100:400] = 1.0  # 300 tokens tied at the k-th largest for k = 10
     params = SamplingParams(top_k=10)
-    draws = draw_many(x[0].numpy(), params, 6000, seed=1)
+    draws = draw_many(x[0].numpy(), params, 6000, seed=1, numpy_on_cpu=numpy_on_cpu)
     assert set(np.unique(draws)) <= set(range(3)) | set(range(100, 400))
     assert (draws >= 100).sum() > 1000 and len(set(draws[draws >= 100])) > 200  # the whole tie, not 7 of it
 
 
-@pytest.mark.parametrize("all_top_k", [False, True])  # True: the NumPy side takes its top-k fast path
-def test_torch_path_draws_what_the_numpy_path_draws(all_top_k):
+@pytest.mark.parametrize("all_top_k,torch_fast", [(False, True), (True, True), (True, False)])
+def test_torch_path_draws_what_the_numpy_path_draws(all_top_k, torch_fast, monkeypatch):
     """The path a GPU's logits take (torch alone, ``numpy_on_cpu=False``), run here: the same tokens and
     logprobs as the NumPy path for the same logits and generators, over every kind of row in one batch."""
     x = _big_logits(48, seed=2)
@@ -658,7 +659,11 @@ def test_torch_path_draws_what_the_numpy_path_draws(all_top_k):
                                    prompt_ids=list(range(i, i + 30)), output_ids=[i, 7, 7, 2999]))
         return out
 
-    want = Sampler(x.shape[1], seed=4)(x, rows())
+    want = Sampler(x.shape[1], seed=4)(x, rows())  # (all_top_k: by NumPy's top-k fast path)
+    if not torch_fast:  # the torch side without its top-k fast path: the full sort
+        import kiln.runtime.sampler as sampler_mod
+
+        monkeypatch.setattr(sampler_mod, "TOP_K_FAST_PATH", 0)
     got = Sampler(x.shape[1], seed=4, numpy_on_cpu=False)(x, rows())
     assert got[0] == want[0]
     for a, b in zip(got[1], want[1]):
