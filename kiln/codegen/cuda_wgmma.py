@@ -46,7 +46,8 @@ from pathlib import Path
 KERNEL = "kiln_wgmma_gemm_f16"
 KERNEL_ADD = "kiln_wgmma_gemm_f16_add"  # D = fp16(A @ W^T) + R, the residual epilogue TVM fuses into o/down
 # TVM dtype -> (PTX type, C type, its float pair maker)
-DTYPES = {"float16": ("f16", "half", "__floats2half2_rn"), "bfloat16": ("bf16", "__nv_bfloat16", "__floats2bfloat162_rn")}
+DTYPES = {"float16": ("f16", "half", "__floats2half2_rn"),
+          "bfloat16": ("bf16", "__nv_bfloat16", "__floats2bfloat162_rn")}
 KERNELS = {(dtype, residual): f"kiln_wgmma_gemm_{ptx}{'_add' if residual else ''}"
            for dtype, (ptx, _, _) in DTYPES.items() for residual in (False, True)}
 assert KERNELS[("float16", False)] == KERNEL and KERNELS[("float16", True)] == KERNEL_ADD
@@ -183,7 +184,8 @@ __device__ __forceinline__ void kiln_wgmma_gemm(const T* __restrict__ A, const T
 
 """ + "".join(f"""
 extern "C" __global__ void __launch_bounds__({threads}, 1)
-{KERNELS[(dtype, False)]}(const {c}* __restrict__ A, const {c}* __restrict__ W, {c}* __restrict__ D, int M, int N, int K) {{
+{KERNELS[(dtype, False)]}(const {c}* __restrict__ A, const {c}* __restrict__ W, {c}* __restrict__ D,
+    int M, int N, int K) {{
   kiln_wgmma_gemm<{c}, false>(A, W, nullptr, D, M, N, K);
 }}
 

@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from ..artifact import load_artifact
 from ..errors import KilnError, RequestError
 from ..scheduler.scheduler import Scheduler, SchedulerConfig
@@ -376,7 +375,8 @@ class Engine:
         params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
         first = len(self.step_times)
         for b in sizes:
-            self.generate([Request(f"kiln-graph-warmup-{b}-{i}", [i % self.spec.vocab_size], params) for i in range(b)])
+            self.generate([Request(f"kiln-graph-warmup-{b}-{i}", [i % self.spec.vocab_size], params)
+                           for i in range(b)])
         seen = [t[0] for t in self.step_times[first:]]
         self.clear_prefix_cache()
         self.scheduler.stats = type(self.scheduler.stats)()

@@ -189,8 +189,8 @@ class ModelRunner:
 
     def forward_logits(self, seq_ids: list[int], token_lists: list[list[int]]):
         """``forward``, its logits left where the model wrote them: a torch tensor [b, V] float32 on the
-        runner's device, not copied (the VM allocates each call's outputs afresh). On a GPU the engine
-        takes the greedy rows' argmax there and copies only the rows it samples on the host."""
+        runner's device, not copied; read it before the next step. On a GPU the engine samples there and
+        only ids (and the rows under a grammar) come to the host."""
         import torch
 
         t0 = time.perf_counter()

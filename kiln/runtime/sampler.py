@@ -349,7 +349,8 @@ def cut_thresholds(weights: torch.Tensor, params: list[SamplingParams], use_nump
     if sorted_rows:
         w = weights if len(sorted_rows) == m else weights[torch.tensor(sorted_rows, device=dev)]
         # [s, V] ascending; NumPy's sort is ~10x torch's on the CPU
-        asc = torch.from_numpy(np.sort(w.numpy(), axis=-1)) if use_numpy and dev.type == "cpu" else w.sort(dim=-1).values
+        asc = (torch.from_numpy(np.sort(w.numpy(), axis=-1)) if use_numpy and dev.type == "cpu"
+               else w.sort(dim=-1).values)
         k = torch.tensor([top_k[i] for i in sorted_rows], device=dev).unsqueeze(1)
         kth = asc.gather(1, V - k)  # [s, 1]; top-k keeps every token >= the k-th largest (ties included)
         top_p = torch.tensor([params[i].top_p for i in sorted_rows], dtype=torch.float64, device=dev).unsqueeze(1)

@@ -256,7 +256,8 @@ def _run_wgmma(out: Path, results: dict, save, gen) -> None:
             for name, (launch, cfg, dt) in wgmma.items():
                 at, wt = a.to(dt), w.to(dt)
                 d = torch.zeros(1, m, N, device="cuda", dtype=dt)
-                call = lambda: launch((N // cfg.bn, -(-m // cfg.bm)), cfg.threads, at, wt, d, m, N, K)  # noqa: E731, B023
+                grid = (N // cfg.bn, -(-m // cfg.bm))
+                call = lambda: launch(grid, cfg.threads, at, wt, d, m, N, K)  # noqa: E731, B023
                 call()
                 torch.cuda.synchronize()
                 err, scale, row["ok"][name] = _check(d, at, wt)

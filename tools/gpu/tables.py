@@ -129,10 +129,13 @@ def tables(results: dict) -> str:
     if rec:  # (not a BENCHMARKS.md table: what to change in kiln/codegen after this run)
         low = rec.get("low_batch", {})
         out += ["What this run says to set in kiln/codegen:", ""] + _table(["setting", "value"], [
-            ["cuda_matmul.MMAConfig (gemm.py MMA_CONFIGS, fastest correct at m = 4096)", rec.get("MMAConfig", "")],
-            ["cuda_wgmma.WgmmaConfig (gemm.py WGMMA_VARIANTS, fastest correct at m = 4096)", rec.get("WgmmaConfig", "")],
+            ["cuda_matmul.MMAConfig (gemm.py MMA_CONFIGS, fastest correct at m = 4096)",
+             rec.get("MMAConfig", "")],
+            ["cuda_wgmma.WgmmaConfig (gemm.py WGMMA_VARIANTS, fastest correct at m = 4096)",
+             rec.get("WgmmaConfig", "")],
             ["cuda_gemv.LOW_BATCH, (n <= limit, bucket)", str(tuple(map(tuple, low["LOW_BATCH"]))) if low else ""],
-            ["fastest linear per m (all shapes)", ", ".join(f"{m}: {w}" for m, w in low.get("fastest_per_m", {}).items())]])
+            ["fastest linear per m (all shapes)",
+             ", ".join(f"{m}: {w}" for m, w in low.get("fastest_per_m", {}).items())]])
 
     rows, ratios = [], []
     for key, label in SHAPES:
