@@ -156,8 +156,9 @@ def main() -> None:
         if args.device != "cuda":
             cc._compile_all_devices = True  # transformers compiles only on accelerators unless told
         run = lambda n: generate(one, n, cache_implementation="static", compile_config=cc)  # noqa: E731
-        # The static cache is sized by the prompt plus n: each n timed is its own compiled graph. The first
-        # call of each compiles; warm both up twice (CUDA graphs are recorded on a later call) before timing.
+        # The static cache is sized by the prompt plus n (transformers 5 keeps the largest length it has seen,
+        # so the n = 1 runs reuse the first compiled graph); warm both up twice (CUDA graphs are recorded on
+        # a later call) before timing. (run_all.sh gives this part 240 s for the 8B's compile.)
         compile_s = timer(lambda: run(args.new_tokens)) + timer(lambda: run(1))
         return {"compile_and_first_runs_seconds": round(compile_s, 1), "backend": args.compile_backend,
                 **decode_rate(timer, run, 1, args.new_tokens, args.repeats,

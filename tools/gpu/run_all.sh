@@ -129,7 +129,7 @@ run() {
                               --output-len $PREFILL_OUT --max-batched-tokens "$n" ;;
         kiln-*-serving) local s=${1#kiln-}; s=${s%-serving}
                         bench "$1" "$s" 120 --mode serving $SERVING --plot "$OUT/plots-$1" ;;
-        hf-*) local s=${1#hf-}; part "$1" 150 "$PY" tools/gpu/hf_peers.py --config "tools/gpu/configs/$s" \
+        hf-*) local s=${1#hf-}; part "$1" 240 "$PY" tools/gpu/hf_peers.py --config "tools/gpu/configs/$s" \
                   --device "$DEVICE" $HF --out "$WORK/$1.json" ;;
         *) echo "unknown part $1" >&2; return 2 ;;
     esac
