@@ -123,6 +123,50 @@ def test_collect_keeps_failures_and_derives_the_bandwidth_fraction(tmp_path):
     assert "Failed: demo." in md
 
 
+def test_merge_joins_the_calls_of_one_run_and_derives_the_summary_again(tmp_path):
+    """Call 1 measured kiln and skipped the peers (out of time); call 2 ran the peers and failed the demo
+    that call 1 passed: the merge keeps each part's good run, and kiln over the peer is derived across
+    the calls, the artifact found in the bundle by name (its path was the GPU machine's)."""
+    collect = load_tool("collect")
+    bundle = tmp_path / "bundle"
+    (bundle / "artifacts" / "m").mkdir(parents=True)
+    (bundle / "artifacts" / "m" / "manifest.json").write_text(json.dumps({
+        "param_shapes": {"a": [[1000, 1000], "float16"]},
+        "spec": {"num_layers": 2, "num_kv_heads": 2, "head_dim": 4, "dtype": "float16"}}))
+
+    def call(name, parts):
+        work = tmp_path / name
+        work.mkdir()
+        for part, (status, result) in parts.items():
+            (work / f"{part}.status.json").write_text(json.dumps({"part": part, **status}))
+            if result is not None:
+                (work / f"{part}.json").write_text(json.dumps(result))
+        return collect.collect(work, bundle)[0]
+
+    ok = {"rc": 0, "seconds": 1}
+    first = call("call1", {
+        "peaks": (ok, {"copy": {"GBps_read_plus_write": 1000.0}}),
+        "kiln-m-latency": (ok, {"artifact": "m", "artifact_path": "/tmp/kiln-gpu.X/bundle/artifacts/m", "latency": [
+            {"batch_size": 1, "input_len": 100, "output_len": 20, "decode_tokens_per_s": 250.0,
+             "prefill_tokens_per_s": 9000.0}]}),
+        "demo": (ok, {"match": True}),
+        "hf-m": ({"skipped": "out of time (KILN_GPU_DEADLINE)"}, None)})
+    assert "hf-m" not in first["summary"]
+    second = call("call2", {"hf-m": (ok, {"results": {"eager": {"decode_tokens_per_s": 50.0}}, "errors": {}}),
+                            "demo": ({"rc": 1, "seconds": 1}, None)})
+    merged = collect.merge([first, second], bundle)
+    assert merged["summary"]["hf-m"]["kiln_over_peer"] == {"batch1_over_eager": 5.0}
+    assert merged["summary"]["demo_greedy_match"]["match"] is True  # call 1's good run, not call 2's failure
+    assert merged["summary"]["kiln-m-latency"]["batch1"]["bytes_per_token"] == 2 * 1000 * 1000 + (2 * 2 * 2 * 4 * 2) * 110
+    out = tmp_path / "out"
+    (tmp_path / "r1.json").write_text(json.dumps(first))
+    (tmp_path / "r2.json").write_text(json.dumps(second))
+    run(sys.executable, GPU / "collect.py", "--merge", tmp_path / "r1.json", tmp_path / "r2.json", out,
+        "--bundle", bundle)
+    assert json.loads((out / "results.json").read_text())["summary"]["hf-m"]["kiln_over_peer"]["batch1_over_eager"] == 5.0
+    assert "| Llama" in (out / "tables.md").read_text()
+
+
 def test_recommend_low_batch_follows_the_fastest_correct_linear_per_m():
     collect = load_tool("collect")
 

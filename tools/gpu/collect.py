@@ -1,6 +1,7 @@
 """Gather the parts of a GPU run (tools/gpu/run_all.sh) into one results.json and one logs.txt.
 
     python tools/gpu/collect.py WORK_DIR OUT_DIR [--bundle gpu_bundle]
+    python tools/gpu/collect.py --merge RESULTS.json [RESULTS.json ...] OUT_DIR [--bundle gpu_bundle]   (here)
 
 WORK_DIR holds, per part, ``NAME.status.json`` (written by run_all.sh: exit status, seconds, timed
 out or skipped), ``NAME.json`` (the part's own result, if it wrote one) and ``NAME.log``. A part that
@@ -8,6 +9,12 @@ failed keeps the end of its log in results.json, so nothing is lost to one failu
 derives the table numbers of BENCHMARKS.md that need more than one part: batch-1 decode's bytes per
 token (weights from the artifact's manifest + the KV cache read at the mean context) over the
 measured copy bandwidth. Standard library only: it must run even where nothing else does.
+
+A GPU run spans several calls (each stops at its deadline), each with its own results.json: ``--merge``
+joins them here — a part that ran in a later call replaces one that did not run or failed in an
+earlier one — and derives the summary and tables.md again over all of them, so ratios across calls
+(kiln over the transformers peers) are filled. Artifacts are read from ``--bundle`` by name when the
+run's own paths (on the GPU machine) are not here.
 """
 
 from __future__ import annotations
@@ -97,6 +104,31 @@ def recommend_low_batch(rows: list[dict]) -> dict | None:
 
 
 def collect(work: Path, bundle: Path) -> tuple[dict, str]:
+    parts, logs = gather(work)
+    return {"collected": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "bundle": _read_json(bundle / "bundle.json"),
+            "summary": summarize(parts, bundle), "parts": parts}, logs
+
+
+def _ran(entry: dict) -> bool:
+    s = entry.get("status", {})
+    return "skipped" not in s and s.get("rc") == 0 and not s.get("timed_out")
+
+
+def merge(runs: list[dict], bundle: Path) -> dict:
+    """Several calls' results.json as one: each part from the last call in which it ran well, else from
+    the last call that has it at all; the summary derived again from the merged parts."""
+    parts: dict = {}
+    for run in runs:
+        for name, entry in run.get("parts", {}).items():
+            if name not in parts or _ran(entry) or not _ran(parts[name]):
+                parts[name] = entry
+    return {"collected": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "bundle": next((r["bundle"] for r in reversed(runs) if r.get("bundle")), _read_json(bundle / "bundle.json")),
+            "merged_from": [r.get("collected") for r in runs], "summary": summarize(parts, bundle), "parts": parts}
+
+
+def gather(work: Path) -> tuple[dict, str]:
+    """Every part's status, result and (if it failed) log tail from WORK_DIR; the logs joined."""
     parts, logs = {}, []
     for status_file in sorted(work.glob("*.status.json"), key=lambda p: p.stat().st_mtime):
         name = status_file.name.removesuffix(".status.json")
@@ -109,7 +141,11 @@ def collect(work: Path, bundle: Path) -> tuple[dict, str]:
             entry["log_tail"] = log[-LOG_TAIL:]
         parts[name] = entry
         logs.append(f"===== {name} {json.dumps(status)}\n{log[-20000:]}\n")
+    return parts, "".join(logs)
 
+
+def summarize(parts: dict, bundle: Path) -> dict:
+    """The numbers BENCHMARKS.md needs that take more than one part, from the parts' results."""
     summary: dict = {}
     peaks = (parts.get("peaks") or {}).get("result") or {}
     copy = (peaks.get("copy") or {}).get("GBps_read_plus_write")
@@ -121,7 +157,7 @@ def collect(work: Path, bundle: Path) -> tuple[dict, str]:
         if not name.startswith("kiln-") or not isinstance(result, dict):
             continue
         artifact = Path(result.get("artifact_path", ""))
-        if not artifact.is_absolute():
+        if not artifact.is_absolute() or not artifact.exists():  # (merged here: the GPU machine's path)
             artifact = bundle / "artifacts" / result.get("artifact", "")
         if "latency" in result:
             summary.setdefault(name, {})["latency"] = {
@@ -206,24 +242,31 @@ def collect(work: Path, bundle: Path) -> tuple[dict, str]:
         summary["cuda_graph_decode_speedup"] = {
             b: round(graphs[b]["decode_tokens_per_s"] / plain[b]["decode_tokens_per_s"], 3)
             for b in graphs if b in plain and plain[b]["decode_tokens_per_s"]}
-    results = {"collected": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "bundle": _read_json(bundle / "bundle.json"),
-               "summary": summary, "parts": parts}
-    return results, "".join(logs)
+    return summary
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("work", type=Path)
-    ap.add_argument("out", type=Path)
+    ap.add_argument("inputs", type=Path, nargs="+", help="WORK_DIR OUT_DIR, or with --merge: RESULTS.json... OUT_DIR")
+    ap.add_argument("--merge", action="store_true", help="join several calls' results.json")
     ap.add_argument("--bundle", type=Path, default=Path("gpu_bundle"))
     args = ap.parse_args()
-    results, logs = collect(args.work, args.bundle)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "logs.txt").write_text(logs)
+    *sources, out = args.inputs
+    if not sources or (not args.merge and len(sources) != 1):
+        ap.error("give WORK_DIR OUT_DIR, or --merge RESULTS.json [...] OUT_DIR")
+    out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        runs = [_read_json(p) for p in sources]
+        if any(r is None for r in runs):
+            ap.error(f"not a results.json: {', '.join(str(p) for p, r in zip(sources, runs) if r is None)}")
+        results = merge(runs, args.bundle)
+    else:
+        results, logs = collect(sources[0], args.bundle)
+        (out / "logs.txt").write_text(logs)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     from tables import tables  # (tools/gpu/, this script's directory)
 
-    (args.out / "tables.md").write_text(tables(results) + "\n")
+    (out / "tables.md").write_text(tables(results) + "\n")
 
 
 if __name__ == "__main__":
