@@ -35,7 +35,7 @@ class CompileConfig:
     dump_ir: Path | None = None
     keep_reference: bool = False  # keep the dense forward in the library (for self-checks)
     tokenizer: Path | None = None  # a .pt2/.onnx graph's tokenizer directory (a checkpoint directory has its own)
-    fuse: bool = True  # the fusion passes (QKV, gate/up + SiLU·mul, residual add + RMSNorm)
+    fuse: bool = True  # the fusion passes (dequantize into matmul, QKV, gate/up + SiLU·mul, residual add + RMSNorm)
     kv_sharing: tuple[int, ...] | None = None  # per layer, its KV source (overrides the config's kv_sources)
     cuda_graph: bool = True  # cuda: decode steps as CUDA graphs (codegen/cuda_graph.py)
     max_batch_size: int = 256  # cuda with graphs: most sequences in one decode step (the runner enforces it)

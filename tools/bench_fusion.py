@@ -1,12 +1,14 @@
 """What kiln's fusion passes bring: kernel launches per decode step and CPU decode speed, fused vs not.
 
-    python tools/bench_fusion.py MODEL [--tokenizer DIR] [--batch 1 16] [--steps 64] [--repeats 5]
+    python tools/bench_fusion.py MODEL [--tokenizer DIR] [--quant SCHEME [--calib CALIB]] [--batch 1 16] [--steps 64]
+                                 [--repeats 5]
 
 MODEL is a checkpoint directory or a .pt2/.onnx graph. Both artifacts are compiled in this process
 (``kiln compile`` with and without ``--no-fuse``); kernel launches are counted in ``batch_decode``'s
 bytecode (kiln/codegen/build.py ``kernel_calls``); decode tokens/s is measured on the runner itself
 (``batch`` sequences, ``steps`` decode steps after a prefill), the two artifacts alternating, median
-of ``--repeats``. Prints one JSON object.
+of ``--repeats``. With ``--quant`` both are quantized (the unfused one keeps the plain form: each weight
+dequantized whole by its own kernel, then the matmul). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--quant", default=None, help="a --quant scheme for both artifacts")
+    ap.add_argument("--calib", default=None, help="the calibration file the scheme needs (awq, w4a8, w8a8)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
@@ -58,12 +62,13 @@ def main() -> None:
     for fused in (False, True):
         name = "fused" if fused else "unfused"
         arts[name] = tmp / name
-        compile_model(args.model, arts[name], CompileConfig(fuse=fused, tokenizer=args.tokenizer))
+        compile_model(args.model, arts[name], CompileConfig(fuse=fused, tokenizer=args.tokenizer, quant=args.quant,
+                                                            calib=args.calib))
         kernels[name] = _count(arts[name])
     spec = load_artifact(arts["fused"]).spec
     kv = KVCacheConfig.for_model(spec.context_len, spec.kv_bytes_per_token, max_num_seqs=max(args.batch))
     llms = {name: LLM(path, kv_config=kv) for name, path in arts.items()}
-    result = {"model": args.model, "steps": args.steps, "repeats": args.repeats,
+    result = {"model": args.model, "quant": args.quant, "steps": args.steps, "repeats": args.repeats,
               "kernels_per_decode_step": {k: sum(v.values()) for k, v in kernels.items()},
               "kernels": kernels, "decode_tokens_per_s": {}}
     rng = np.random.default_rng(0)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..errors import TargetError
 from ..ir.tvm import cuda_runtime_loaded, dlight, relax, tvm
+from ..ir.quant_kernels import WEIGHT_STAGES
 from .cpu_schedule import ScheduleCPUMatmul
 from .cuda_gemv import low_batch_specialize
 from .cuda_graph import PASS_CONFIG as GRAPH_PASS_CONFIG
@@ -26,6 +27,29 @@ from .cuda_wgmma import WgmmaLinear, attach_kernels
 from .targets import TargetSpec
 
 
+@tvm.transform.module_pass(opt_level=0, name="kiln.InlineWeightStages")
+def inline_weight_stages(mod, _ctx):
+    """On CUDA the fused quantized kernels rebuild each weight element inside the reduction, where dlight's
+    GEMV and GEMM rules expect a single reduction block: their weight stage (kiln/ir/quant_kernels.py
+    ``WEIGHT_STAGES``) is inlined first."""
+    updated = {}
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        body = func.body
+        if not (isinstance(body, tvm.s_tir.SBlockRealize) and body.block.name_hint == "root"):
+            continue
+        sch = tvm.s_tir.Schedule(func)
+        stages = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if sch.get(b).name_hint in WEIGHT_STAGES]
+        for b in stages:
+            sch.compute_inline(b)
+        if stages:
+            updated[gv] = sch.mod["main"]
+    for gv, func in updated.items():
+        mod[gv] = func
+    return mod
+
+
 def _cuda_pipeline(target, max_batch_size):
     @tvm.transform.module_pass(opt_level=0, name="kiln.CUDAPipeline")
     def pipeline(mod, _ctx):
@@ -35,7 +59,7 @@ def _cuda_pipeline(target, max_batch_size):
             relax.backend.DispatchSampling(), relax.backend.DispatchSortScan(),
             relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),
-            relax.transform.DeadCodeElimination(),
+            relax.transform.DeadCodeElimination(), inline_weight_stages,
             # symbolic-M linears: a low-batch GEMV for small n, else a GEMM: kiln's wgmma kernel where the arch
             # has it (cuda_wgmma.py, its cubin attached to the module), else the rules below (cuda_gemv.py)
             low_batch_specialize([WgmmaLinear(), MatmulMMA(), dlight.gpu.Matmul()]), attach_kernels(),

@@ -15,16 +15,20 @@ row reads all of W again. ``ScheduleCPUMatmul`` rewrites exactly those PrimFuncs
   after each output element, so the ``[m, n]`` intermediate is never materialised.
 
 The quantized linears of kiln/ir/quant_kernels.py (``dequant_matmul``, ``int_matmul``: the weight is
-dequantized inside the sum) get the same tiling. Anything else (attention kernels, norms, RoPE,
+dequantized inside the sum) get the same tiling, with their weight stage computed per tile of output
+channels (once per call, whatever the row count, and never as a whole weight); the plain form's whole-weight ``dequantize_*`` kernels
+(``--no-fuse``) run their rows in parallel. Anything else (attention kernels, norms, RoPE,
 KV-cache copies, or a matmul in a shape the rule does not expect) passes through untouched: the rule matches the matmul block structurally and gives up on
 the whole function (keeping the original) if any schedule step is refused.
 """
 
 from __future__ import annotations
 
+from ..ir.quant_kernels import WEIGHT_STAGES
 from ..ir.tvm import tirx, tvm
 
 NJ = 8  # output columns (rows of W) per tile; each has its own vector accumulator
+TILED_WEIGHT_ROWS = 4  # a quantized linear over more rows than this dequantizes its weight per tile, not inline
 
 
 def _as_int(e):
@@ -82,12 +86,14 @@ def _is_quant_matmul(block) -> bool:
         [int(v.iter_type) for v in iv] == [tirx.IterVar.DataPar, tirx.IterVar.DataPar, tirx.IterVar.CommReduce]
 
 
-def _first_nest(func: tirx.PrimFunc):
-    """(loops, realize) of the first statement under the root block when it is a perfect loop nest
+def _first_nest(func: tirx.PrimFunc, index: int = 0):
+    """(loops, realize) of statement ``index`` under the root block when it is a perfect loop nest
     around one block; else None."""
     stmt = func.body.block.body
     if isinstance(stmt, tirx.SeqStmt):
-        stmt = stmt.seq[0]
+        stmt = stmt.seq[index]
+    elif index:
+        return None
     loops = []
     while isinstance(stmt, tirx.For):
         loops.append(stmt)
@@ -104,14 +110,26 @@ def _largest_divisor(n: int, cap: int) -> int:
     return d
 
 
-def _schedule(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:
+def _schedule(func: tirx.PrimFunc, lanes: int, tiled_weight: bool = False) -> tirx.PrimFunc | None:
     if not _has_root(func):
         return None
     sch = tvm.s_tir.Schedule(func)
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     if not blocks:
         return None
+    if len(blocks) == 1 and sch.get(blocks[0]).name_hint in ("dequantize_weight_only", "dequantize_w4a8"):
+        sch.parallel(sch.get_loops(blocks[0])[0])  # one output row (channel) per task
+        return sch.mod["main"]
+    weight_stage = None
+    if sch.get(blocks[0]).name_hint in WEIGHT_STAGES and len(blocks) > 1:
+        weight_stage, blocks = blocks[0], blocks[1:]
+        if not tiled_weight:
+            sch.compute_inline(weight_stage)
+            weight_stage = None
+            func = sch.mod["main"]
     quant = _is_quant_matmul(sch.get(blocks[0]))
+    if weight_stage is not None and not quant:
+        return None
     if not (quant or _match_nt_matmul(sch.get(blocks[0]))):
         return None
     mm, epilogue = blocks[0], list(blocks[1:])
@@ -122,7 +140,7 @@ def _schedule(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:
 
     # The matmul must sit alone in a perfect nest i, j, k bound 1:1 to its iter vars (T.axis.remap("SSR")).
     loops = sch.get_loops(mm)
-    nest = _first_nest(func)
+    nest = _first_nest(func, 1 if weight_stage is not None else 0)
     if len(loops) != 3 or nest is None or not nest[1].block.same_as(sch.get(mm)):
         return None
     loop_vars = [lp.loop_var for lp in nest[0]]
@@ -154,6 +172,11 @@ def _schedule(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:
     sch.vectorize(kv)
     sch.unroll(ji)  # nj independent accumulators share each load of A
     sch.parallel(jo)
+    if weight_stage is not None:
+        # each task dequantizes its tile of output channels once (nj x k, on its stack), then every row
+        # of x reads it
+        sch.compute_at(weight_stage, jo)
+        sch.set_scope(weight_stage, 0, "local")
     sch.decompose_reduction(rf, ko)
     return sch.mod["main"]
 
@@ -185,11 +208,37 @@ def vector_lanes(target) -> int:
 
 
 def schedule_func(func: tirx.PrimFunc, lanes: int = 4) -> tirx.PrimFunc | None:
-    """The scheduled function, or None when ``func`` is not a linear the rule handles."""
+    """The scheduled function, or None when ``func`` is not a linear the rule handles.
+
+    A fused quantized linear (a weight stage, kiln/ir/quant_kernels.py) gets two schedules and a branch on
+    its row count: up to ``TILED_WEIGHT_ROWS`` rows (decode) the weight is dequantized inline in the sum,
+    read once; beyond, each task dequantizes its tile of output channels once and every row reads it, where
+    inline it would be unpacked once per row."""
     try:
-        return _schedule(func, lanes)
+        small = _schedule(func, lanes)
+        if small is None or not _has_weight_stage(func):
+            return small
+        n = _row_var(func)
+        large = _schedule(func, lanes, tiled_weight=True) if n is not None else None
+        if large is None:
+            return small
+        from tvm.s_tir.stmt import SBlock, SBlockRealize
+
+        body = tirx.IfThenElse(n <= TILED_WEIGHT_ROWS, small.body, large.body)
+        return func.with_body(SBlockRealize([], True, SBlock([], [], [], "root", body)))
     except (RuntimeError, ValueError, TypeError):  # tvm.s_tir.ScheduleError is a RuntimeError
         return None
+
+
+def _has_weight_stage(func) -> bool:
+    sch = tvm.s_tir.Schedule(func)
+    return any(sch.get(b).name_hint in WEIGHT_STAGES for b in sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def _row_var(func):
+    """The one symbolic variable of the parameters' shapes (the row count), or None."""
+    found = {dim for p in func.params for dim in (getattr(p, "shape", None) or ()) if isinstance(dim, tirx.Var)}
+    return found.pop() if len(found) == 1 else None
 
 
 @tvm.transform.module_pass(opt_level=0, name="kiln.ScheduleCPUMatmul")

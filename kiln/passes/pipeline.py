@@ -13,6 +13,7 @@ from pathlib import Path
 from ..ir.tvm import IRModule, relax
 from ..ir.verify import verify_reference, verify_serving
 from .fuse_add_rms_norm import fuse_add_rms_norm
+from .fuse_dequant_matmul import fuse_dequant_matmul
 from .fuse_gate_up import fuse_gate_up
 from .fuse_qkv import fuse_qkv
 from .linears import Layout, Merge
@@ -63,7 +64,9 @@ def build_pipeline(target, keep_reference: bool = False, fusion: Fusion | None =
                           verify_reference))
     if fusion is not None and fuse:
         steps += [
-            # Phase 1b: fusion in the reference form (fewer, larger kernels; same logits).
+            # Phase 1b: fusion in the reference form (fewer, larger kernels; same logits). Quantized weights
+            # are dequantized inside their products first; the merges below then stack packed tensors.
+            Step("fuse_dequant_matmul", fusion.merging(fuse_dequant_matmul), verify_reference),
             Step("fuse_qkv", fusion.merging(fuse_qkv), verify_reference),
             Step("fuse_gate_up", fusion.merging(fuse_gate_up), verify_reference),
         ]

@@ -1,15 +1,23 @@
 """Quantize the linears of the reference form (the IR half of ``kiln compile --quant SCHEME``).
 
-Each ``matmul(x, permute_dims(W))`` whose weight ``W`` is quantized becomes a call of a kernel of
-kiln/ir/quant_kernels.py on W's packed tensors, and the packed params tuple takes those tensors in W's
-place (kiln/quant/schemes.py transforms the weights themselves, folding scales into the norms; the two
-meet in ``packed_layout``). For w4a8/w8a8 the activations are quantized per token by their own op,
-emitted once per input and shared by the linears that read it (q/k/v, gate/up).
+Each ``matmul(x, permute_dims(W))`` whose weight ``W`` is quantized is rewritten onto W's packed tensors
+in the plain form — the weight dequantized by its own kernel, then the product:
+
+    weight-only:  W' = dequantize_weight_only(qweight, scales, zeros);  matmul(x, permute_dims(W'))
+    w4a8:         (x8, sx) = quantize_per_token(x);  W8 = dequantize_w4a8(qweight, group_scales, zeros)
+                  w8a8_matmul(x8, sx, W8, channel_scales)
+    w8a8:         (x8, sx) = quantize_per_token(x);  w8a8_matmul(x8, sx, qweight, channel_scales)
+
+and the packed params tuple takes those tensors in W's place (kiln/quant/schemes.py transforms the
+weights themselves, folding scales into the norms; the two meet in ``packed_layout``). The per-token
+activation op is emitted once per input and shared by the linears that read it (q/k/v, gate/up).
+kiln/passes/fuse_dequant_matmul.py then moves each dequantization into its product's reduction, so the
+weight is never materialised (``--no-fuse`` leaves the plain form).
 
 Invariant: ``forward`` computes what the reference form computes with every quantized weight replaced by
-its dequantized value — and, for w4a8/w8a8, every quantized linear's input by its per-token int8
-rounding — and its params tuple is ``packed_layout`` in order. Everything else is untouched, so the
-paged-attention pass and codegen apply as before.
+its dequantized value (rounded to the model dtype) — and, for w4a8/w8a8, every quantized linear's input
+by its per-token int8 rounding — and its params tuple is ``packed_layout`` in order. Everything else is
+untouched, so the fusion, paged-attention passes and codegen apply as before.
 """
 
 from __future__ import annotations
@@ -102,7 +110,8 @@ def quantize_linears(mod: IRModule, layout: dict[str, tuple[tuple[int, ...], str
                 elif _is_op(v, "relax.matmul") and v.args[1] in transposed:
                     name = transposed[v.args[1]]
                     x = rw.visit_expr(v.args[0])
-                    new = emit_quantized_linear(bb, kind, x, parts[name], group, str(b.var.ty.dtype), act_quant, b.var.name)
+                    new = _emit_plain_linear(bb, kind, v, x, parts[name], group, str(b.var.ty.dtype), act_quant,
+                                             b.var.name)
                     rewritten += 1
                 else:
                     new = bb.emit(rw.visit_expr(v), name_hint=b.var.name)
@@ -115,8 +124,8 @@ def quantize_linears(mod: IRModule, layout: dict[str, tuple[tuple[int, ...], str
                         f"matmul(x, permute_dims(W)) in forward: {sorted(set(quantized) - used)[:4]}")
     built = bb.get()
     new_fwd = built["forward_quantized"]
-    out = IRModule({gv: (_opaque(f) if gv.name_hint.startswith(_KERNELS) else f)
-                    for gv, f in built.functions_items() if gv.name_hint != "forward_quantized"}, attrs=mod.attrs)
+    out = mark_opaque(IRModule({gv: f for gv, f in built.functions_items() if gv.name_hint != "forward_quantized"},
+                               attrs=mod.attrs))
     if fwd.attrs is None or "global_symbol" not in fwd.attrs:
         new_fwd = new_fwd.without_attr("global_symbol")
     else:
@@ -125,32 +134,62 @@ def quantize_linears(mod: IRModule, layout: dict[str, tuple[tuple[int, ...], str
     return out
 
 
-_KERNELS = ("dequant_matmul", "quantize_per_token", "w4a8_matmul", "w8a8_matmul")
+KERNELS = ("dequant_matmul", "quantize_per_token", "w4a8_matmul", "w8a8_matmul", "dequantize_weight_only",
+           "dequantize_w4a8")
 
 
-def _opaque(f):
-    # FuseOps would fuse these with their neighbours, and FuseTIR then fails on the
-    # shared input ("Inconsistent buffers ... mapped to the same relax var", TVM 0.27); opaque keeps
-    # them whole (their cast epilogue is inside already).
-    return f.with_attr("op_pattern", 8)
+def mark_opaque(mod: IRModule) -> IRModule:
+    """kiln's quantized kernels kept whole by FuseOps: it would fuse them with their neighbours, and FuseTIR
+    then fails on a shared input ("Inconsistent buffers ... mapped to the same relax var", TVM 0.27); their
+    cast epilogue is inside already. A plain-form ``dequantize_*`` stays its own kernel, so ``--no-fuse``
+    really materialises the weight."""
+    return IRModule({gv: (f.with_attr("op_pattern", 8) if gv.name_hint.startswith(KERNELS) else f)
+                     for gv, f in mod.functions_items()}, attrs=mod.attrs)
 
 
 def _is_op(v, name: str) -> bool:
     return isinstance(v, relax.Call) and getattr(v.op, "name", None) == name
 
 
-def emit_quantized_linear(bb, kind, x, p, group, out_dtype, act_quant, hint):
-    """Emit ``x @ W^T`` on W's packed tensors ``p`` (by part name) with the ``kind``'s kernel; for w4a8/w8a8 the
-    per-token int8 quantization of ``x`` is emitted once per input and kept in ``act_quant``. Shared with the
-    fusion passes (linears.py), which re-emit merged linears."""
-    if kind == "weight_only":
-        return bb.emit_te(qk.weight_only_matmul, x, p["qweight"], p["scales"], p["zeros"], group=group,
-                          out_dtype=out_dtype, primfunc_name_hint="dequant_matmul", name_hint=hint)
+def _act_int8(bb, x, act_quant):
+    """``x``'s per-token int8 codes and scales, emitted once per input (kept in ``act_quant``)."""
     if x not in act_quant:
         act_quant[x] = bb.emit_te(qk.quantize_per_token, x, primfunc_name_hint="quantize_per_token",
                                   name_hint="act_int8")
     q = act_quant[x]
-    x8, sx = bb.emit(relax.TupleGetItem(q, 0)), bb.emit(relax.TupleGetItem(q, 1))
+    return bb.emit(relax.TupleGetItem(q, 0)), bb.emit(relax.TupleGetItem(q, 1))
+
+
+def _emit_plain_linear(bb, kind, matmul, x, p, group, out_dtype, act_quant, hint):
+    """The plain form of ``matmul`` (``x @ W^T``, output ``out_dtype``) on W's packed tensors ``p`` (by part name)."""
+    if kind == "weight_only":
+        w = bb.emit_te(qk.dequantize_weight_only, p["qweight"], p["scales"], p["zeros"], group=group,
+                       primfunc_name_hint="dequantize_weight_only", name_hint=hint + "_weight")
+        return bb.emit(relax.Call(matmul.op, [x, bb.emit(relax.op.permute_dims(w))], matmul.attrs), name_hint=hint)
+    x8, sx = _act_int8(bb, x, act_quant)
+    if kind == "w4a8":
+        w8 = bb.emit_te(qk.dequantize_w4a8, p["qweight"], p["group_scales"], p["zeros"], group=group,
+                        primfunc_name_hint="dequantize_w4a8", name_hint=hint + "_weight")
+    else:
+        w8 = p["qweight"]
+    return bb.emit_te(qk.w8a8_matmul, x8, sx, w8, p["channel_scales"], out_dtype=out_dtype,
+                      primfunc_name_hint="w8a8_matmul", name_hint=hint)
+
+
+def emit_quantized_linear(bb, kind, x, p, group, out_dtype, act_quant, hint):
+    """Emit ``x @ W^T`` on W's packed tensors ``p`` (by part name) in the fused form — the weight dequantized
+    inside the reduction — with the ``kind``'s kernel; for w4a8/w8a8 the per-token int8 quantization of ``x``
+    is emitted once per input and kept in ``act_quant``. Used by fuse_dequant_matmul and by the fusion passes
+    that re-emit merged linears (linears.py)."""
+    if kind == "weight_only":
+        return bb.emit_te(qk.weight_only_matmul, x, p["qweight"], p["scales"], p["zeros"], group=group,
+                          out_dtype=out_dtype, primfunc_name_hint="dequant_matmul", name_hint=hint)
+    x8, sx = _act_int8(bb, x, act_quant)
+    return emit_int8_linear(bb, kind, x8, sx, p, group, out_dtype, hint)
+
+
+def emit_int8_linear(bb, kind, x8, sx, p, group, out_dtype, hint):
+    """The fused w4a8 / w8a8 product of int8 activations ``(x8, sx)`` and W's packed tensors ``p``."""
     if kind == "w4a8":
         return bb.emit_te(qk.w4a8_matmul, x8, sx, p["qweight"], p["group_scales"], p["zeros"], p["channel_scales"],
                           group=group, out_dtype=out_dtype, primfunc_name_hint="w4a8_matmul", name_hint=hint)

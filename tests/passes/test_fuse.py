@@ -1,8 +1,9 @@
-"""kiln.passes.fuse_qkv, fuse_gate_up, fuse_add_rms_norm: Before/Expected, numerics, what they leave alone.
+"""kiln.passes.fuse_dequant_matmul, fuse_qkv, fuse_gate_up, fuse_add_rms_norm: Before/Expected, numerics, what
+they leave alone.
 
 Before/Expected modules are written here by hand in the reference form's conventions (packed params,
 ``matmul(x, permute_dims(W))``). The numerical tests run whole reference forms (float, with biases, and
-each quantized layout) before and after the three passes, with the merged weights made by
+each quantized layout) before and after the four passes, with the merged weights made by
 ``apply_merges``: the logits must not change. The fused add+RMSNorm kernel is checked against NumPy.
 """
 
@@ -15,7 +16,9 @@ import torch
 from kiln.frontend.reference import build_reference, param_shapes
 from kiln.ir.spec import ModelSpec
 from kiln.ir.tvm import IRModule, Target, relax, structural_equal, tirx, tvm
+from kiln.ir import quant_kernels as qk
 from kiln.passes.fuse_add_rms_norm import add_rms_norm_te, fuse_add_rms_norm
+from kiln.passes.fuse_dequant_matmul import fuse_dequant_matmul
 from kiln.passes.fuse_gate_up import fuse_gate_up
 from kiln.passes.fuse_qkv import fuse_qkv
 from kiln.passes.linears import Merge, apply_merges
@@ -24,11 +27,13 @@ pytestmark = pytest.mark.cpu
 H, HQ, HKV, D, I = 16, 2, 1, 8, 24
 
 
-def _forward(params: dict, body) -> IRModule:
-    """forward(input_ids: [n] int32, params: tuple(params)) -> body(bb, x, w); x = take(embed, ids)."""
+def _forward(params: dict, body, dtypes: dict | None = None) -> IRModule:
+    """forward(input_ids: [n] int32, params: tuple(params)) -> body(bb, x, w); x = take(embed, ids).
+    ``dtypes``: a parameter's dtype other than float32."""
     n = tirx.Var("n", "int64")
     ids = relax.Var("input_ids", relax.TensorType([n], "int32"))
-    packed = relax.Var("params", relax.TupleType([relax.TensorType(list(s), "float32") for s in params.values()]))
+    packed = relax.Var("params", relax.TupleType([relax.TensorType(list(s), (dtypes or {}).get(k, "float32"))
+                                                  for k, s in params.items()]))
     bb = relax.BlockBuilder()
     with bb.function("forward", [ids, packed], attrs={"num_input": 1}):
         with bb.dataflow():
@@ -118,6 +123,73 @@ def test_fuse_gate_up_needs_silu_on_the_gate():
     assert got is before and merges == []
 
 
+G = 8  # the quantization group in the dequantize Before/Expected tests
+W4 = {"embed_tokens": (10, H), "w.qweight": (I, H // 8), "w.scales": (I, H // G), "w.zeros": (I, H // G)}
+W4A8 = {"embed_tokens": (10, H), "w.qweight": (I, H // 8), "w.group_scales": (I, H // G), "w.zeros": (I, H // G),
+        "w.channel_scales": (I,)}
+W4_DTYPES = {"w.qweight": "int32", "w.zeros": "uint8", "w.group_scales": "uint8"}
+
+
+def _opaque(mod: IRModule) -> IRModule:
+    from kiln.passes.quantize import mark_opaque
+    return relax.transform.DeadCodeElimination(["forward"])(mark_opaque(mod))
+
+
+def _dequant_fusion(params, before, expected):
+    layout = {k: (s, W4_DTYPES.get(k, "float32")) for k, s in params.items()}
+    mod = _opaque(_forward(params, before, W4_DTYPES))
+    got, new_layout, merges = fuse_dequant_matmul(mod, layout, G)
+    got = relax.transform.DeadCodeElimination(["forward"])(got)
+    assert relax.analysis.check_well_formed(got)
+    assert structural_equal(got, _opaque(_forward(params, expected, W4_DTYPES)), map_free_vars=True), got.script()
+    assert new_layout == layout and merges == []
+
+
+def test_fuse_dequant_matmul_weight_only_before_expected():
+    def before(bb, x, w, n):
+        wd = bb.emit_te(qk.dequantize_weight_only, w["w.qweight"], w["w.scales"], w["w.zeros"], group=G,
+                        primfunc_name_hint="dequantize_weight_only")
+        return relax.op.matmul(x, bb.emit(relax.op.permute_dims(wd)))
+
+    def expected(bb, x, w, n):
+        return bb.emit_te(qk.weight_only_matmul, x, w["w.qweight"], w["w.scales"], w["w.zeros"], group=G,
+                          out_dtype="float32", primfunc_name_hint="dequant_matmul")
+
+    _dequant_fusion(W4, before, expected)
+
+
+def test_fuse_dequant_matmul_w4a8_before_expected():
+    def act(bb, x):
+        q = bb.emit_te(qk.quantize_per_token, x, primfunc_name_hint="quantize_per_token")
+        return bb.emit(relax.TupleGetItem(q, 0)), bb.emit(relax.TupleGetItem(q, 1))
+
+    def before(bb, x, w, n):
+        x8, sx = act(bb, x)
+        w8 = bb.emit_te(qk.dequantize_w4a8, w["w.qweight"], w["w.group_scales"], w["w.zeros"], group=G,
+                        primfunc_name_hint="dequantize_w4a8")
+        return bb.emit_te(qk.w8a8_matmul, x8, sx, w8, w["w.channel_scales"], out_dtype="float32",
+                          primfunc_name_hint="w8a8_matmul")
+
+    def expected(bb, x, w, n):
+        x8, sx = act(bb, x)
+        return bb.emit_te(qk.w4a8_matmul, x8, sx, w["w.qweight"], w["w.group_scales"], w["w.zeros"],
+                          w["w.channel_scales"], group=G, out_dtype="float32", primfunc_name_hint="w4a8_matmul")
+
+    _dequant_fusion(W4A8, before, expected)
+
+
+def test_fuse_dequant_matmul_leaves_a_weight_read_twice():
+    def before(bb, x, w, n):  # the dequantized weight is also an output: it must be materialised anyway
+        wd = bb.emit_te(qk.dequantize_weight_only, w["w.qweight"], w["w.scales"], w["w.zeros"], group=G,
+                        primfunc_name_hint="dequantize_weight_only")
+        y = bb.emit(relax.op.matmul(x, bb.emit(relax.op.permute_dims(wd))))
+        return relax.Tuple([y, wd])
+
+    mod = _opaque(_forward(W4, before, W4_DTYPES))
+    got, _, _ = fuse_dequant_matmul(mod, {k: (s, W4_DTYPES.get(k, "float32")) for k, s in W4.items()}, G)
+    assert got is mod
+
+
 NORM = {"embed_tokens": (10, H), "w": (H,)}
 
 
@@ -174,6 +246,7 @@ def _run_forward(mod, params: dict, layout, ids):
 
 
 def _fuse_all(mod, layout, group=None):
+    mod, layout, _ = fuse_dequant_matmul(mod, layout, group)
     mod, layout, m1 = fuse_qkv(mod, layout, group)
     mod, layout, m2 = fuse_gate_up(mod, layout, group)
     return fuse_add_rms_norm(mod), layout, m1 + m2
@@ -185,8 +258,8 @@ def _random(shape, dtype: str, g) -> torch.Tensor:
         return torch.randint(-2**31, 2**31 - 1, shape, generator=g, dtype=torch.int64).to(torch.int32)
     if dtype == "int8":
         return torch.randint(-127, 128, shape, generator=g).to(torch.int8)
-    if dtype == "uint8":
-        return torch.randint(1, 16, shape, generator=g).to(torch.uint8)
+    if dtype == "uint8":  # zeros and w4a8's group scales: (q - z) * s_g stays within int8, as every kiln layout's
+        return torch.randint(1, 9, shape, generator=g).to(torch.uint8)
     return 0.01 + 0.02 * torch.rand(shape, generator=g)
 
 

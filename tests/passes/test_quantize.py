@@ -1,10 +1,11 @@
 """kiln.passes.quantize + kiln/ir/quant_kernels.py: the quantized reference form against NumPy.
 
 Random packed tensors in each layout (weight-only 4-bit, w4a8, w8a8) go into the rewritten ``forward``
-(compiled for llvm, run in-process); the same model with each weight dequantized by this file's own
-NumPy code — and, for w4a8/w8a8, with each linear's input rounded per token to int8 — goes through
-the unquantized reference form. The logits must agree to fp32 tolerance. The kernels' integer parts
-are checked exactly on their own.
+(compiled for llvm, run in-process), in the plain form the pass emits and after fuse_dequant_matmul; the
+same model with each weight dequantized by this file's own NumPy code goes through the unquantized
+reference form. Weight-only logits must agree to fp32 tolerance; w4a8/w8a8 round each linear's input to
+int8, which the reference form cannot express, so there the fused form must equal the plain one and the
+kernels' integer parts are checked exactly on their own.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from kiln.frontend.reference import build_reference, param_shapes
 from kiln.ir import quant_kernels as qk
 from kiln.ir.spec import ModelSpec
 from kiln.ir.tvm import Target, relax, te, tirx, tvm
+from kiln.passes.fuse_dequant_matmul import fuse_dequant_matmul
 from kiln.passes.quantize import packed_layout, quantize_linears
 
 pytestmark = pytest.mark.cpu
@@ -88,17 +90,70 @@ def test_quantized_forward_matches_dequantized_reference(kind):
         [(s, dt) for s, dt in new_layout.values()]
     assert set(new_layout) == set(packed)
     ids = rng.integers(0, SPEC.vocab_size, 12)
-    got = run_forward(qmod, [packed[n] for n in new_layout], ids)
+    params = [packed[n] for n in new_layout]
+    got = run_forward(qmod, params, ids)
+    fused, fused_layout, merges = fuse_dequant_matmul(qmod, new_layout, G)
+    assert fused_layout == new_layout and merges == []
+    assert kernels_called(fused) == {"weight_only": {"dequant_matmul"}, "w4a8": {"quantize_per_token", "w4a8_matmul"},
+                                     "w8a8": {"quantize_per_token", "w8a8_matmul"}}[kind]
+    got_fused = run_forward(fused, params, ids)
     if kind == "weight_only":
         want = run_forward(build_reference(SPEC), [dense[n] for n in layout], ids)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got_fused, want, rtol=1e-4, atol=1e-4)
     else:
-        # the reference with int8-rounded linear inputs: round inside a NumPy re-run of each linear is not
-        # expressible in the reference form, so compare the kernels' linears directly below and here only
-        # check that the model runs and stays close to the unrounded dense model
+        # the same int8 codes and int32 sums in both forms, the same float epilogue: equal to rounding
+        np.testing.assert_allclose(got_fused, got, rtol=0, atol=1e-5 * np.abs(got).max())
+        # against the dense model the int8 rounding of the inputs shows; only check the model runs near it
         want = run_forward(build_reference(SPEC), [dense[n] for n in layout], ids)
         err = np.abs(got - want).max() / np.abs(want).max()
         assert np.isfinite(got).all() and err < 0.05, err
+
+
+def kernels_called(mod) -> set[str]:
+    """The PrimFuncs ``forward`` calls (call_tir), by name without the builder's numbering."""
+    names = set()
+    for b in mod["forward"].body.blocks[0].bindings:
+        v = b.value
+        if isinstance(v, relax.Call) and getattr(v.op, "name", "") == "relax.call_tir":
+            names.add(v.args[0].name_hint.rstrip("0123456789_"))
+    return names
+
+
+@pytest.mark.parametrize("kind", ["weight_only", "w4a8"])
+def test_plain_form_dequantizes_each_weight_once_and_fusion_removes_it(kind):
+    layout = {n: (s, "float32") for n, s in param_shapes(SPEC).items()}
+    qmod = quantize_linears(build_reference(SPEC), layout, LINEARS, kind, group=G)
+    calls = [b.value.args[0].name_hint for b in qmod["forward"].body.blocks[0].bindings
+             if isinstance(b.value, relax.Call) and getattr(b.value.op, "name", "") == "relax.call_tir"]
+    assert sum(c.startswith("dequantize_") for c in calls) == len(LINEARS)
+    fused, _, _ = fuse_dequant_matmul(qmod, packed_layout(layout, LINEARS, kind, G), G)
+    assert not any(c.startswith("dequantize_") for c in kernels_called(fused))
+
+
+def test_dequantize_kernels_match_the_numpy_reference():
+    """The plain form's weight kernels: weight-only in fp32 and fp16, w4a8's int8 weight exactly."""
+    from kiln.quant import formats
+
+    rng = np.random.default_rng(3)
+    O, K = 16, 80  # groups of 32: 32, 32, 16
+    q = rng.integers(0, 16, (O, K))
+    zeros = rng.integers(0, 16, (O, 3)).astype("uint8")
+    dev = tvm.cpu()
+    for dt in ("float32", "float16"):
+        scales = (0.01 + 0.02 * rng.random((O, 3))).astype(dt)
+        f = _build_te(lambda *a: qk.dequantize_weight_only(*a, group=G), te.placeholder(_i64(O, K // 8), "int32", "qw"),
+                      te.placeholder(_i64(O, 3), dt, "s"), te.placeholder(_i64(O, 3), "uint8", "z"))
+        w = tvm.runtime.tensor(np.zeros((O, K), dt), dev)
+        f(*[tvm.runtime.tensor(a, dev) for a in (pack(q), scales, zeros)], w)
+        want = formats.dequantize_weight_only(pack(q), scales.astype("float32"), zeros, group=G).astype(dt)
+        np.testing.assert_array_equal(w.numpy(), want)
+    gs = rng.integers(1, 9, (O, 3)).astype("uint8")
+    f = _build_te(lambda *a: qk.dequantize_w4a8(*a, group=G), te.placeholder(_i64(O, K // 8), "int32", "qw"),
+                  te.placeholder(_i64(O, 3), "uint8", "gs"), te.placeholder(_i64(O, 3), "uint8", "z"))
+    w8 = tvm.runtime.tensor(np.zeros((O, K), "int8"), dev)
+    f(*[tvm.runtime.tensor(a, dev) for a in (pack(q), gs, zeros)], w8)
+    np.testing.assert_array_equal(w8.numpy(), formats.w4a8_weight_int8(pack(q), gs, zeros, group=G))
 
 
 def _build_te(fn, *placeholders):
