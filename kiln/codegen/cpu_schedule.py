@@ -222,10 +222,15 @@ def schedule_func(func: tirx.PrimFunc, lanes: int = 4) -> tirx.PrimFunc | None:
         large = _schedule(func, lanes, tiled_weight=True) if n is not None else None
         if large is None:
             return small
+
         from tvm.s_tir.stmt import SBlock, SBlockRealize
 
-        body = tirx.IfThenElse(n <= TILED_WEIGHT_ROWS, small.body, large.body)
-        return func.with_body(SBlockRealize([], True, SBlock([], [], [], "root", body)))
+        # one root block over both branches, allocating each intermediate once (both schedules keep the
+        # original's intermediate buffers; a buffer defined in two places does not lower)
+        a, b = small.body.block, large.body.block
+        allocs = list(a.alloc_buffers) + [x for x in b.alloc_buffers if not any(x.same_as(y) for y in a.alloc_buffers)]
+        body = tirx.IfThenElse(n <= TILED_WEIGHT_ROWS, a.body, b.body)
+        return func.with_body(SBlockRealize([], True, SBlock([], [], [], "root", body, alloc_buffers=allocs)))
     except (RuntimeError, ValueError, TypeError):  # tvm.s_tir.ScheduleError is a RuntimeError
         return None
 
