@@ -15,6 +15,7 @@ import os
 import queue
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,6 +129,7 @@ class Engine:
         self._live: dict[str, _Live] = {}
         self._ended: list[RequestOutput] = []  # outputs of aborted requests, returned by the next step
         self.finished_by_reason: dict[str, int] = {}
+        self.num_steps = 0  # steps that ran a batch
         self.step_times: list[tuple] = []  # per step: (batch size, schedule, inputs, model, outputs, sample+detok) s
 
     # -- requests ----------------------------------------------------------------------------------
@@ -227,6 +229,7 @@ class Engine:
                 del self._live[live.request.request_id]
         self.step_times.append((len(batch), t1 - t0, *self.runner.last_timing, time.perf_counter() - t2))
         del self.step_times[:-4096]
+        self.num_steps += 1
         return outputs
 
     def _sample(self, picked: list[tuple[int, Sequence]], logits, touched: dict) -> None:
@@ -344,12 +347,9 @@ class Engine:
 
     def stats(self) -> EngineStats:
         s = self.scheduler.stats
-        free = self.kv.num_free_pages
-        used = self.kv_pages_total - free
-        running = sum(self.kv.pages_held(q.seq_id, q.num_computed) for q in self.scheduler.running)  # pages running sequences use
         return EngineStats(running=len(self.scheduler.running), waiting=self.scheduler.num_waiting,
-                           kv_pages_total=self.kv_pages_total, kv_pages_free=free,
-                           kv_pages_cached=max(0, used - running) if len(self.scheduler.cache) else 0,
+                           kv_pages_total=self.kv_pages_total, kv_pages_free=self.kv.num_free_pages,
+                           kv_pages_cached=self.scheduler.num_cached_pages,
                            prefix_cache_hits=s.prefix_cache_hits, prefix_cache_hit_tokens=s.prefix_cache_hit_tokens,
                            prompt_tokens=s.prompt_tokens, prefill_tokens_computed=s.prefill_tokens_computed,
                            generation_tokens=s.generation_tokens, preemptions=s.preemptions,
@@ -382,6 +382,7 @@ class Engine:
         self.scheduler.stats = type(self.scheduler.stats)()
         self.finished_by_reason.clear()
         self.step_times.clear()
+        self.num_steps = 0
         return seen
 
     def clear_prefix_cache(self) -> None:
@@ -466,6 +467,14 @@ class AsyncEngine:
         self._cmds.put(("abort", request_id, None))
         self._wake.set()
 
+    def clear_prefix_cache(self) -> Future:
+        """Drop every prefix-cache entry, on the engine thread between two steps (benchmarks and tests
+        start from a cold cache). Callable from any thread; the future gets the stats right after."""
+        done: Future = Future()
+        self._cmds.put(("clear", None, done))
+        self._wake.set()
+        return done
+
     def stats(self) -> EngineStats:
         return self._snapshot
 
@@ -481,14 +490,21 @@ class AsyncEngine:
                 self._wake.wait(1.0)
                 self._wake.clear()
             while not self._cmds.empty():
-                kind, arg, stream = self._cmds.get()
+                kind, arg, reply = self._cmds.get()  # reply: the request's stream ("add"), a Future ("clear")
                 if kind == "add":
                     try:
                         eng.add_request(arg)
-                        self._streams[arg.request_id] = stream
+                        self._streams[arg.request_id] = reply
                     except Exception as e:  # RequestError (validated twice: cheap) or a bug: the request fails alone
                         self._ids_in_use.discard(arg.request_id)
-                        stream._push(e if isinstance(e, KilnError) else RuntimeError(f"engine error: {e}"))
+                        reply._push(e if isinstance(e, KilnError) else RuntimeError(f"engine error: {e}"))
+                elif kind == "clear":
+                    try:
+                        eng.clear_prefix_cache()
+                        self._snapshot = eng.stats()
+                        reply.set_result(self._snapshot)
+                    except Exception as e:
+                        reply.set_exception(e)
                 else:
                     eng.abort_request(arg)
             if not eng.has_unfinished():

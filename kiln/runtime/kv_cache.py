@@ -6,6 +6,9 @@ MixAttention, quantized KV) can replace ``TVMPagedKVCache`` without touching the
 
 from __future__ import annotations
 
+import itertools
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -64,16 +67,44 @@ class KVCache(Protocol):
     def fork_cost(self, parent_id: int, pos: int) -> int: ...  # pages a fork of parent_id at pos takes
     def fork_point(self, parent_id: int, pos: int) -> int: ...  # where a fork at pos really forks (<= pos)
     def max_sequence_tokens(self, context_len: int) -> int: ...  # the longest sequence the cache holds alone
-    def pages_held(self, seq_id: int, length: int) -> int: ...  # pages a sequence of length tokens holds
+    # counting pages that sequences share (a page counts once): an empty PageSet, and the distinct pages
+    # the sequences of seqs (id -> its length in tokens) hold that no sequence of excluding holds (what
+    # removing seqs would free)
+    def page_set(self) -> "PageSet": ...
+    def num_pages_of(self, seqs: dict[int, int], excluding: Iterable[int] = ()) -> int: ...
+
+
+class PageSet(Protocol):
+    """The distinct pages of a set of live sequences, kept up to date as members join (``add``, at a length
+    the member keeps while in the set) and leave (``remove``, before the cache removes the sequence);
+    ``num_held_by`` counts the set's pages that other live sequences hold too. The scheduler keeps one
+    for the prefix cache's entries."""
+
+    num_pages: int
+
+    def add(self, seq_id: int, length: int) -> None: ...
+    def remove(self, seq_id: int) -> None: ...
+    def num_held_by(self, seq_ids: Iterable[int]) -> int: ...
 
 
 class UniformPages:
     """Page arithmetic of a cache whose every layer keeps every token (TVM's paged cache): appending k
     tokens to a sequence of length L takes ``ceil((L+k)/P) - ceil(L/P)`` pages (a sequence's last page
-    is never shared), a fork inside a page copies that page, and a fork can happen anywhere."""
+    is never shared), a fork inside a page copies that page, and a fork can happen anywhere.
+
+    It also knows which pages sequences share (TVM's cache tells only how many are free), for
+    ``page_set`` and ``num_pages_of``: page k of a fork is page k of its parent while k is below the
+    whole pages the fork shared, and a page of its own otherwise. So each sequence's pages are spans
+    ``(origin, first page, end page)``, the last one its own pages (end None: up to its length), where
+    an origin names one sequence's own pages. Every sequence holding an origin's pages holds them from
+    the same first page, and no other holder reaches past its owner's length (a fork shares at most
+    what its parent has); a sequence popped back (``popn``) starts a new origin for what it appends.
+    The caches call the ``_track_*`` methods from add/fork/remove/popn."""
 
     config: KVCacheConfig
     args: list
+    _spans: dict[int, tuple[tuple[int, int, int | None], ...]]  # seq id -> ((origin, first page, end page), ...)
+    _origins: itertools.count
 
     def append_cost(self, length: int, k: int) -> int:
         p = self.config.page_size
@@ -88,8 +119,98 @@ class UniformPages:
     def max_sequence_tokens(self, context_len: int) -> int:
         return min(context_len, self.config.num_pages * self.config.page_size)
 
-    def pages_held(self, seq_id: int, length: int) -> int:
-        return -(-length // self.config.page_size)  # from the caller's length: no call into the cache
+    def page_set(self) -> "OriginPageSet":
+        return OriginPageSet(self)
+
+    def num_pages_of(self, seqs: dict[int, int], excluding: Iterable[int] = ()) -> int:
+        pages = self.page_set()
+        for seq_id, length in seqs.items():
+            pages.add(seq_id, length)
+        return pages.num_pages - pages.num_held_by(excluding)
+
+    # -- which pages are shared ----------------------------------------------------------------------
+
+    def _init_tracking(self) -> None:
+        self._spans, self._origins = {}, itertools.count()
+
+    def _track_add(self, seq_id: int) -> None:
+        self._spans[seq_id] = ((next(self._origins), 0, None),)
+
+    def _track_remove(self, seq_id: int) -> None:
+        del self._spans[seq_id]
+
+    def _page_spans(self, seq_id: int, pages: int) -> tuple[tuple[int, int, int], ...]:
+        """Where the first ``pages`` pages of ``seq_id`` come from."""
+        out = []
+        for origin, lo, end in self._spans[seq_id]:
+            if lo >= pages:
+                break
+            out.append((origin, lo, pages if end is None else min(end, pages)))
+        return tuple(out)
+
+    def _track_fork(self, parent_id: int, child_id: int, pos: int) -> None:
+        full = pos // self.config.page_size  # the partial page is the child's own copy
+        self._spans[child_id] = self._page_spans(parent_id, full) + ((next(self._origins), full, None),)
+
+    def _track_popn(self, seq_id: int, keep: int) -> None:
+        P = self.config.page_size
+        pages = -(-keep // P)
+        kept = self._page_spans(seq_id, pages)
+        if keep % P and self._held_elsewhere(kept[-1][0], pages - 1, seq_id):
+            pages -= 1  # TVM gives a sequence popped back into a shared page its own copy of it
+            kept = self._page_spans(seq_id, pages)
+        self._spans[seq_id] = kept + ((next(self._origins), pages, None),)
+
+    def _held_elsewhere(self, origin: int, page: int, seq_id: int) -> bool:
+        P = self.config.page_size
+        return any(o == origin and lo <= page < (end if end is not None else -(-self.sequence_len(t) // P))
+                   for t, spans in self._spans.items() if t != seq_id for o, lo, end in spans)
+
+
+class OriginPageSet:
+    """The distinct pages of a set of sequences of a ``UniformPages`` cache, kept as sequences join and
+    leave. A member is added at a length it keeps while in the set (a prefix-cache entry: finished, it
+    grows no more); ``num_held_by`` says how many of the set's pages other sequences hold too."""
+
+    def __init__(self, kv: UniformPages):
+        self.kv = kv
+        self.num_pages = 0
+        self._members: dict[int, tuple[tuple[int, int, int], ...]] = {}  # seq id -> its spans when added
+        self._ends: dict[int, dict[int, int]] = {}  # origin -> {end page: members whose span ends there}
+        self._first: dict[int, int] = {}  # origin -> its first page
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def add(self, seq_id: int, length: int) -> None:
+        assert seq_id not in self._members, seq_id
+        spans = self._members[seq_id] = self.kv._page_spans(seq_id, -(-length // self.kv.config.page_size))
+        for origin, lo, end in spans:
+            ends = self._ends.setdefault(origin, {})
+            self.num_pages += max(0, end - max(ends, default=lo))
+            ends[end] = ends.get(end, 0) + 1
+            self._first[origin] = lo
+
+    def remove(self, seq_id: int) -> None:
+        for origin, lo, end in self._members.pop(seq_id):
+            ends = self._ends[origin]
+            top = max(ends)
+            ends[end] -= 1
+            if not ends[end]:
+                del ends[end]
+            self.num_pages -= top - max(ends, default=lo)
+            if not ends:
+                del self._ends[origin], self._first[origin]
+
+    def num_held_by(self, seq_ids: Iterable[int]) -> int:
+        """Pages of the set that some of ``seq_ids`` (live sequences outside the set) hold too. A sequence
+        reaches as far into its own origin as any member can, so its length is not needed."""
+        reach: dict[int, float] = {}
+        for seq_id in seq_ids:
+            for origin, lo, end in self.kv._spans[seq_id]:
+                if origin in self._ends:
+                    reach[origin] = max(reach.get(origin, lo), math.inf if end is None else end)
+        return sum(min(max(self._ends[o]), e) - self._first[o] for o, e in reach.items())
 
 
 class TVMPagedKVCache(UniformPages):
@@ -114,22 +235,27 @@ class TVMPagedKVCache(UniformPages):
         self._free = global_func("vm.builtin.attention_kv_cache_get_num_available_pages")
         self.live: set[int] = set()
         self.args = [self.handle]  # what the compiled entry points take for the KV state
+        self._init_tracking()
 
     def add_sequence(self, seq_id: int) -> None:
         assert seq_id not in self.live, seq_id
         self._add(self.handle, seq_id)
         self.live.add(seq_id)
+        self._track_add(seq_id)
 
     def remove_sequence(self, seq_id: int) -> None:
         self._remove(self.handle, seq_id)
         self.live.discard(seq_id)
+        self._track_remove(seq_id)
 
     def fork_sequence(self, parent_id: int, child_id: int, fork_pos: int = -1) -> None:
         self._fork(self.handle, parent_id, child_id, fork_pos)
         self.live.add(child_id)
+        self._track_fork(parent_id, child_id, self.sequence_len(parent_id) if fork_pos == -1 else fork_pos)
 
     def popn(self, seq_id: int, n: int) -> None:
         self._popn(self.handle, seq_id, n)
+        self._track_popn(seq_id, self.sequence_len(seq_id))
 
     def begin_forward(self, seq_ids: list[int], append_lens: list[int]) -> None:
         self._begin(self.handle, self._shape(seq_ids), self._shape(append_lens))
@@ -165,6 +291,7 @@ class SimulatedKVCache(UniformPages):
         self._len: dict[int, int] = {}
         self._batch: tuple[list[int], list[int]] | None = None
         self.live: set[int] = set()
+        self._init_tracking()
 
     def _take(self) -> int:
         if not self._free:
@@ -183,11 +310,13 @@ class SimulatedKVCache(UniformPages):
         assert seq_id not in self.live, seq_id
         self._pages[seq_id], self._len[seq_id] = [], 0
         self.live.add(seq_id)
+        self._track_add(seq_id)
 
     def remove_sequence(self, seq_id: int) -> None:
         self._release(self._pages.pop(seq_id))
         del self._len[seq_id]
         self.live.discard(seq_id)
+        self._track_remove(seq_id)
 
     def fork_sequence(self, parent_id: int, child_id: int, fork_pos: int = -1) -> None:
         assert child_id not in self.live and parent_id in self.live
@@ -200,14 +329,21 @@ class SimulatedKVCache(UniformPages):
         self._pages[child_id] = shared + ([self._take()] if part else [])
         self._len[child_id] = pos
         self.live.add(child_id)
+        self._track_fork(parent_id, child_id, pos)
 
     def popn(self, seq_id: int, n: int) -> None:
         keep = self._len[seq_id] - n
         assert 0 <= keep
         npages = -(-keep // self.config.page_size)
-        self._release(self._pages[seq_id][npages:])
-        del self._pages[seq_id][npages:]
+        pages = self._pages[seq_id]
+        self._release(pages[npages:])
+        del pages[npages:]
+        if keep % self.config.page_size and self._refs[pages[-1]] > 1:  # as TVM: a copy of a shared page popped into
+            copy = self._take()
+            self._release(pages[-1:])
+            pages[-1] = copy
         self._len[seq_id] = keep
+        self._track_popn(seq_id, keep)
 
     def begin_forward(self, seq_ids: list[int], append_lens: list[int]) -> None:
         assert len(seq_ids) <= self.config.max_num_seqs and sum(append_lens) <= self.config.prefill_chunk_size

@@ -32,6 +32,7 @@ step's cost does not grow with a Python loop over its sequences.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -132,8 +133,14 @@ class GroupedKVCache:
     def num_free_pages(self) -> int:
         return len(self._free)
 
-    def pages_held(self, seq_id: int, length: int) -> int:
-        return int((self._table[:, self._rows[seq_id]] >= 0).sum())  # blocks, shared ones included
+    def page_set(self) -> "BlockPageSet":
+        return BlockPageSet(self)
+
+    def num_pages_of(self, seqs: dict[int, int], excluding: Iterable[int] = ()) -> int:
+        pages = self.page_set()
+        for seq_id, length in seqs.items():
+            pages.add(seq_id, length)
+        return pages.num_pages - pages.num_held_by(excluding)
 
     def sequence_len(self, seq_id: int) -> int:
         return int(self._lens[self._rows[seq_id]])
@@ -290,3 +297,38 @@ class GroupedKVCache:
         self._ghost_gen[ghosts] = self._gen[np.maximum(blocks, 0)]
         self._release(blocks.reshape(-1))
         self._table[owners, rows, pages] = -1
+
+
+class BlockPageSet:
+    """The distinct blocks of a set of sequences of a ``GroupedKVCache`` (kv_cache.PageSet): a count per
+    block of the members holding it. A member's page table must not change while it is in the set (a
+    finished sequence's does not: only a step's sequences take or release blocks)."""
+
+    def __init__(self, kv: GroupedKVCache):
+        self.kv = kv
+        self.num_pages = 0
+        self._count = np.zeros(kv.num_blocks, dtype=np.int32)
+        self._members: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def add(self, seq_id: int, length: int) -> None:
+        assert seq_id not in self._members, seq_id
+        row = self.kv._table[:, self.kv._rows[seq_id]]
+        blocks = self._members[seq_id] = row[row >= 0]  # a block is in one place of one row
+        self.num_pages += int((self._count[blocks] == 0).sum())
+        self._count[blocks] += 1
+
+    def remove(self, seq_id: int) -> None:
+        blocks = self._members.pop(seq_id)
+        self._count[blocks] -= 1
+        self.num_pages -= int((self._count[blocks] == 0).sum())
+
+    def num_held_by(self, seq_ids: Iterable[int]) -> int:
+        rows = [self.kv._rows[s] for s in seq_ids]
+        if not rows:
+            return 0
+        blocks = self.kv._table[:, rows]
+        blocks = blocks[blocks >= 0]
+        return int(np.unique(blocks[self._count[blocks] > 0]).size)

@@ -82,6 +82,7 @@ class Scheduler:
         self.policy = make_policy(config.policy)
         self.running: list[Sequence] = []  # admission order
         self.cache = PrefixCache()
+        self.cached_pages = kv.page_set()  # the pages of the prefix cache's entries, kept with it
         self.stats = SchedulerStats()
         self._ids = itertools.count()
 
@@ -100,6 +101,13 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.running) or len(self.policy) > 0
+
+    @property
+    def num_cached_pages(self) -> int:
+        """KV pages that the prefix cache's entries hold and no running sequence does: what evicting every
+        entry would free. Counted from the entries' own pages (``cached_pages``), not from the free count,
+        so with nothing running it equals the pages in use only if no page leaked."""
+        return self.cached_pages.num_pages - self.cached_pages.num_held_by(s.seq_id for s in self.running)
 
     def abort(self, seq: Sequence) -> None:
         if seq.status is Status.WAITING:
@@ -121,6 +129,7 @@ class Scheduler:
             self.kv.remove_sequence(seq.seq_id)
             return
         self.cache.insert(seq.seq_id, kept)
+        self.cached_pages.add(seq.seq_id, len(kept))
         while len(self.cache) > self.config.max_cached_seqs:
             self._evict_one()
 
@@ -161,6 +170,7 @@ class Scheduler:
         if not lru:
             return False
         self.cache.remove(lru[0])
+        self.cached_pages.remove(lru[0])
         self.kv.remove_sequence(lru[0])
         return True
 
@@ -214,9 +224,10 @@ class Scheduler:
         return batch
 
     def _admit(self, planned: list, budget: int, reserved: int) -> None:
+        unborn = sum(s.forks for s in self.running)  # children of running n > 1 prompts, forked once they finish
         while budget > 0:
             seq = self.policy.peek()
-            if seq is None or len(self.running) + 1 + seq.forks > self.config.max_num_seqs:
+            if seq is None or len(self.running) + unborn + 1 + seq.forks > self.config.max_num_seqs:
                 break
             parent, hit = (None, 0)
             if self.config.prefix_cache:
@@ -247,6 +258,7 @@ class Scheduler:
             seq.num_cached = hit
             seq.status = Status.RUNNING
             self.running.append(seq)
+            unborn += seq.forks
             self.policy.on_admit(seq)
             planned.append((seq, k))
             budget -= k

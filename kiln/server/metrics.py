@@ -5,7 +5,8 @@ scrapes (``_EngineCollector``; nothing is copied between scrapes), and the laten
 observed by the server as outputs reach it (``RequestTimer``).
 
 KV pages: ``kiln_kv_pages_used`` = total - free, which includes ``kiln_kv_pages_cached`` (pages kept
-only by the prefix cache). With no request in flight, used == cached.
+only by the prefix cache, counted from its entries' own pages rather than from the free count). With no
+request in flight, used == cached unless pages leaked.
 """
 
 from __future__ import annotations

@@ -223,3 +223,65 @@ def test_prompts_packed_into_one_chunk(small, llm):
     for p, r in zip(prompts, results):
         assert r.token_ids == llm.generate([p], greedy(6))[0].token_ids
     assert not small.kv.live
+
+
+def test_shared_pages_are_counted_as_tvm_frees_them(llm, kv):
+    """Random adds, forks (inside and at page boundaries), appends, popn and removes on TVM's cache: after
+    each, ``num_pages_of`` over every live sequence is the pages TVM has in use, a removal frees exactly
+    ``num_pages_of`` that sequence less the others, and the simulated twin (the scheduler's tests run
+    on it) has TVM's free-page count."""
+    import random
+
+    from kiln.runtime.kv_cache import SimulatedKVCache
+
+    assert not kv.live
+    twin = SimulatedKVCache(kv.config)
+    total = kv.num_free_pages
+    assert twin.num_free_pages == total
+    rng = random.Random(0)
+    ids = iter(range(100, 10_000))
+    forks = 0
+    for _ in range(300):
+        live = sorted(kv.live)
+        lens = {s: kv.sequence_len(s) for s in live}
+        op = rng.random()
+        if live and op < 0.15:
+            s = rng.choice(live)
+            others = {t: n for t, n in lens.items() if t != s}
+            freed = kv.num_pages_of({s: lens[s]}, others)
+            free = kv.num_free_pages
+            kv.remove_sequence(s)
+            twin.remove_sequence(s)
+            assert kv.num_free_pages - free == freed
+        elif len(live) < kv.config.max_num_seqs and (not live or op < 0.35):
+            s = next(ids)
+            kv.add_sequence(s)
+            twin.add_sequence(s)
+        elif len(live) < kv.config.max_num_seqs and op < 0.55 and any(lens.values()):
+            parent = rng.choice([t for t in live if lens[t]])
+            pos = rng.choice([lens[parent], rng.randint(1, lens[parent]), lens[parent] // 16 * 16 or lens[parent]])
+            s = next(ids)
+            kv.fork_sequence(parent, s, pos)
+            twin.fork_sequence(parent, s, pos)
+            forks += 1
+        elif live and op < 0.6 and any(lens.values()):
+            s = rng.choice([t for t in live if lens[t]])
+            n = rng.randint(1, min(lens[s], 5))
+            kv.popn(s, n)
+            twin.popn(s, n)
+        elif live:
+            batch = rng.sample(live, rng.randint(1, len(live)))
+            k = [rng.randint(1, 20) for _ in batch]
+            if sum(kv.append_cost(lens[s], n) for s, n in zip(batch, k)) < kv.num_free_pages and \
+                    all(lens[s] + n <= llm.spec.context_len for s, n in zip(batch, k)):
+                llm.runner.forward(batch, [toks(s, n) for s, n in zip(batch, k)])
+                twin.begin_forward(batch, k)
+                twin.end_forward()
+        lens = {s: kv.sequence_len(s) for s in kv.live}
+        assert lens == {s: twin.sequence_len(s) for s in twin.live}
+        assert kv.num_free_pages == twin.num_free_pages
+        assert kv.num_pages_of(lens) == total - kv.num_free_pages
+    assert forks > 10
+    for s in list(kv.live):
+        kv.remove_sequence(s)
+        twin.remove_sequence(s)

@@ -95,7 +95,10 @@ def test_a_random_workload_frees_everything_and_never_overdraws():
     live = {}
     for step in range(400):
         if live and rng.random() < 0.1:
-            kv.remove_sequence(live.pop(rng.choice(list(live))))
+            sid = live.pop(rng.choice(list(live)))
+            freed, free = kv.num_pages_of({sid: 0}, {s: 0 for s in live}), kv.num_free_pages
+            kv.remove_sequence(sid)
+            assert kv.num_free_pages - free == freed
         elif len(live) < 6 and rng.random() < 0.3:
             sid = step
             if live and rng.random() < 0.5:
@@ -120,6 +123,52 @@ def test_a_random_workload_frees_everything_and_never_overdraws():
             for b in t[t >= 0].tolist():
                 refs[b] = refs.get(b, 0) + 1
         assert all(kv._refs[b] == c for b, c in refs.items()) and len(refs) + kv.num_free_pages == kv.num_blocks
+        assert kv.num_pages_of({s: 0 for s in live}) == len(refs)
     for sid in list(live):
         kv.remove_sequence(sid)
     assert kv.num_free_pages == kv.num_blocks
+
+
+def test_a_page_set_counts_the_blocks_finished_sequences_alone_hold():
+    """The scheduler's count of the prefix cache's blocks: finished sequences join a page set and grow no
+    more, new ones fork from them (prefix hits) or from running ones, and finished ones are evicted; the
+    set's blocks less those running sequences also hold are exactly what the page tables say."""
+    rng = random.Random(1)
+    kv = cache(2048)
+    running, finished = set(), set()
+    kept = kv.page_set()
+    ids = iter(range(10_000))
+
+    def blocks(seqs):
+        return {b for s in seqs for b in kv._table[:, kv._rows[s]].reshape(-1).tolist() if b >= 0}
+
+    for _ in range(400):
+        op = rng.random()
+        if finished and op < 0.1:
+            sid = rng.choice(sorted(finished))
+            finished.discard(sid)
+            kept.remove(sid)
+            kv.remove_sequence(sid)
+        elif running and op < 0.25:
+            sid = rng.choice(sorted(running))
+            running.discard(sid)
+            finished.add(sid)
+            kept.add(sid, kv.sequence_len(sid))
+        elif len(running) + len(finished) < 8 and op < 0.5:
+            sid = next(ids)
+            parents = sorted(running | finished)
+            parent = rng.choice(parents) if parents and rng.random() < 0.7 else None
+            pos = kv.fork_point(parent, kv.sequence_len(parent)) if parent is not None else 0
+            if pos:
+                kv.fork_sequence(parent, sid, pos)
+            else:
+                kv.add_sequence(sid)
+            running.add(sid)
+        if running:
+            seqs = rng.sample(sorted(running), rng.randint(1, len(running)))
+            lens = [rng.choice([1, 1, 1, 17, 70]) for _ in seqs]
+            if sum(kv.append_cost(kv.sequence_len(s), k) for s, k in zip(seqs, lens)) <= kv.num_free_pages:
+                kv.begin_forward(seqs, lens)
+                kv.end_forward()
+        assert kept.num_pages == len(blocks(finished))
+        assert kept.num_pages - kept.num_held_by(running) == len(blocks(finished) - blocks(running))

@@ -65,6 +65,7 @@ class Driver:
         self.steps += 1
         assert sum(batch.num_tokens) <= self.sched.config.max_batched_tokens
         assert len(batch) <= self.sched.config.max_num_seqs
+        assert len(self.sched.running) + sum(s.forks for s in self.sched.running) <= self.sched.config.max_num_seqs
         for seq, chunk in zip(batch.seqs, batch.token_lists):
             assert seq.status is Status.RUNNING and chunk
             assert self.kv.held[seq.seq_id] == seq.tokens[:seq.num_computed], "KV does not hold the sequence's tokens"
@@ -94,7 +95,19 @@ class Driver:
                 finished.append(seq)
         for seq in finished:
             self.sched.finish(seq)
+        self.check_pages()
         return batch
+
+    def check_pages(self):
+        """The page counts that /metrics reports, from the sequences, against the cache's own page table."""
+        pages = lambda ids: set().union(*(self.kv._pages[s] for s in ids))
+        running = {s.seq_id for s in self.sched.running}
+        cached = set(self.sched.cache.tokens)
+        assert set(self.kv.live) == running | cached
+        assert self.sched.num_cached_pages == len(pages(cached) - pages(running))
+        lengths = {s: self.kv.sequence_len(s) for s in self.kv.live}
+        assert self.kv.num_pages_of(lengths) == len(pages(self.kv.live)) == \
+            self.kv.config.num_pages + 1 - self.kv.num_free_pages
 
     def run(self, limit=10_000):
         while self.sched.has_work():
@@ -147,6 +160,34 @@ def test_n_greater_than_one_forks_after_the_prompt():
     d.run()
     assert parent.tokens[10:] == expected(prompt, 5)
     assert d.sched.stats.prefill_tokens_computed == 10  # the prompt ran once for all three choices
+
+
+def test_cached_pages_exclude_those_a_running_choice_still_uses():
+    """Two choices of an n=3 request stop early (as a stop token would make them) while the first runs on:
+    the prefix cache keeps them, but the prompt's whole pages they share with the running one are not
+    the cache's alone."""
+    d = Driver(pages=64, page_size=4)
+    parent = d.add(list(range(10)), 8, n=3)  # 10 tokens: two whole pages shared, the third copied
+    d.step()
+    kids = [s for s in d.sched.running if s is not parent]
+    assert len(kids) == 2
+    for kid in kids:
+        kid.max_tokens = kid.num_generated + 1
+    d.step()  # the kids finish: cached, holding the parent's first two pages as well as their own
+    assert set(d.sched.cache.tokens) == {k.seq_id for k in kids} and d.sched.running == [parent]
+    own = sum(-(-k.num_computed // 4) - 2 for k in kids)  # each: the copied third page and what it appended
+    assert d.sched.num_cached_pages == own and d.sched.cached_pages.num_pages == own + 2
+    d.run()
+
+
+def test_children_to_fork_count_against_max_num_seqs():
+    d = Driver(pages=64, max_num_seqs=2)
+    parent = d.add(list(range(10)), 3, n=2)  # its child is forked after the prompt: two sequences
+    other = d.add([20, 21], 3)
+    d.step()
+    assert len(d.sched.running) == 2 and other.status is Status.WAITING
+    d.run()
+    assert parent.tokens[10:] == expected(list(range(10)), 3) and other.tokens[2:] == expected([20, 21], 3)
 
 
 def test_prefix_reuse_computes_only_new_tokens():

@@ -70,8 +70,10 @@ def metrics(base_url: str) -> dict[str, float]:
 
 
 def wait_for_idle(base_url: str, timeout: float = 30.0) -> dict[str, float]:
-    """Poll /metrics until nothing runs or waits and every KV sequence left (so every used page) is one the
-    prefix cache keeps: a leaked request would stay in kiln_kv_sequences."""
+    """Poll /metrics until nothing runs or waits, every KV sequence left is one the prefix cache keeps (a
+    leaked request would stay in kiln_kv_sequences) and every used page is one of theirs:
+    kiln_kv_pages_cached counts the pages of the prefix cache's entries, independently of the free count,
+    so a page the KV cache lost track of would keep used above it."""
     deadline = time.monotonic() + timeout
     while True:
         m = metrics(base_url)
