@@ -28,7 +28,7 @@ from ..ir.quant_kernels import WEIGHT_STAGES
 from ..ir.tvm import tirx, tvm
 
 NJ = 8  # output columns (rows of W) per tile; each has its own vector accumulator
-TILED_WEIGHT_ROWS = 4  # a quantized linear over more rows than this dequantizes its weight per tile, not inline
+TILED_WEIGHT_ROWS = 1  # a quantized linear over more rows than this dequantizes its weight per tile, not inline
 
 
 def _as_int(e):
