@@ -87,6 +87,13 @@ class PageSet(Protocol):
     def num_held_by(self, seq_ids: Iterable[int]) -> int: ...
 
 
+def pages_of(pages: "PageSet", seqs: dict[int, int], excluding: Iterable[int] = ()) -> int:
+    """``KVCache.num_pages_of`` on an empty page set of the cache."""
+    for seq_id, length in seqs.items():
+        pages.add(seq_id, length)
+    return pages.num_pages - pages.num_held_by(excluding)
+
+
 class UniformPages:
     """Page arithmetic of a cache whose every layer keeps every token (TVM's paged cache): appending k
     tokens to a sequence of length L takes ``ceil((L+k)/P) - ceil(L/P)`` pages (a sequence's last page
@@ -123,10 +130,7 @@ class UniformPages:
         return OriginPageSet(self)
 
     def num_pages_of(self, seqs: dict[int, int], excluding: Iterable[int] = ()) -> int:
-        pages = self.page_set()
-        for seq_id, length in seqs.items():
-            pages.add(seq_id, length)
-        return pages.num_pages - pages.num_held_by(excluding)
+        return pages_of(self.page_set(), seqs, excluding)
 
     # -- which pages are shared ----------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ import numpy as np
 
 from ..errors import KilnError
 from ..ir.abi import GROUPED_PAGE_SIZE
-from .kv_cache import KVCacheConfig
+from .kv_cache import KVCacheConfig, pages_of
 
 
 class GroupedKVCache:
@@ -137,10 +137,7 @@ class GroupedKVCache:
         return BlockPageSet(self)
 
     def num_pages_of(self, seqs: dict[int, int], excluding: Iterable[int] = ()) -> int:
-        pages = self.page_set()
-        for seq_id, length in seqs.items():
-            pages.add(seq_id, length)
-        return pages.num_pages - pages.num_held_by(excluding)
+        return pages_of(self.page_set(), seqs, excluding)
 
     def sequence_len(self, seq_id: int) -> int:
         return int(self._lens[self._rows[seq_id]])

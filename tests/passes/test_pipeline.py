@@ -103,7 +103,7 @@ def test_cli_compile_dump_ir(zoo, tmp_path):
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert "wrote" in res.output
     steps = build_pipeline(resolve_target("cpu"), fusion=Fusion({}))  # the step names kiln compile runs
-    assert [s.name for s in steps][1:4] == ["fuse_qkv", "fuse_gate_up", "fuse_add_rms_norm"]
+    assert [s.name for s in steps][1:5] == ["fuse_dequant_matmul", "fuse_qkv", "fuse_gate_up", "fuse_add_rms_norm"]
     texts = _check_dumps(dump, steps)
     assert "forward" in _defs(texts["00-input.py"])
     assert set(ENTRY_POINTS) <= _defs(texts[_expected_files(steps)[-1]])

@@ -240,7 +240,7 @@ def test_from_openai_rejects(obj, message):
 
 @pytest.mark.parametrize("fmt, message", [
     (ResponseFormat("json_schema", schema={"type": 5}), "JSON schema is invalid: Type should be a string"),
-    (ResponseFormat("json_schema", schema={"$ref": "#/nope"}), "JSON schema is invalid: Cannot find field nope"),
+    (ResponseFormat("json_schema", schema={"$ref": "#/nope"}), "JSON schema is invalid: Cannot find field '?nope"),  # xgrammar 0.2.9 quotes it
     (ResponseFormat("json_schema", schema={"type": "string", "minLength": 5, "maxLength": 2}), "invalid"),
     (ResponseFormat("json_schema", schema=False), "cannot accept any value"),
     (ResponseFormat("regex", pattern="("), "regex is invalid: .*parenthesis is not closed"),

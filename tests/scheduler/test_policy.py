@@ -31,7 +31,7 @@ def test_a_returning_client_is_lifted_to_the_least_active_counter():
     vtc.on_output(c, 5)
     vtc.on_leave(c)  # c finished and has nothing queued: it is away
     assert vtc.counters["c"] == 10 + 2 * 5
-    a, b = admit(vtc, "a", 100), admit(vtc, "b", 50)  # b arrives while a is active: lifted to 100 first
+    a, _ = admit(vtc, "a", 100), admit(vtc, "b", 50)  # b arrives while a is active: lifted to 100 first
     vtc.on_output(a, 100)  # a and b are served while c is away
     assert (vtc.counters["a"], vtc.counters["b"]) == (300, 150)
 
