@@ -15,8 +15,9 @@ row reads all of W again. ``ScheduleCPUMatmul`` rewrites exactly those PrimFuncs
   after each output element, so the ``[m, n]`` intermediate is never materialised.
 
 The quantized linears of kiln/ir/quant_kernels.py (``dequant_matmul``, ``int_matmul``: the weight is
-dequantized inside the sum) get the same tiling, with their weight stage computed per tile of output
-channels (once per call, whatever the row count, and never as a whole weight); the plain form's whole-weight ``dequantize_*`` kernels
+dequantized inside the sum) get the same tiling and a branch on the row count: one row unpacks the
+weight inline in the sum, more rows compute the weight stage once per tile of output channels and reuse
+it for every row (never the whole weight). The plain form's whole-weight ``dequantize_*`` kernels
 (``--no-fuse``) run their rows in parallel. Anything else (attention kernels, norms, RoPE,
 KV-cache copies, or a matmul in a shape the rule does not expect) passes through untouched: the rule matches the matmul block structurally and gives up on
 the whole function (keeping the original) if any schedule step is refused.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 from ..ir.quant_kernels import WEIGHT_STAGES
 from ..ir.tvm import tirx, tvm
+from .cuda_gemv import row_var
 
 NJ = 8  # output columns (rows of W) per tile; each has its own vector accumulator
 TILED_WEIGHT_ROWS = 1  # a quantized linear over more rows than this dequantizes its weight per tile, not inline
@@ -218,7 +220,7 @@ def schedule_func(func: tirx.PrimFunc, lanes: int = 4) -> tirx.PrimFunc | None:
         small = _schedule(func, lanes)
         if small is None or not _has_weight_stage(func):
             return small
-        n = _row_var(func)
+        n = row_var(func)
         large = _schedule(func, lanes, tiled_weight=True) if n is not None else None
         if large is None:
             return small
@@ -238,12 +240,6 @@ def schedule_func(func: tirx.PrimFunc, lanes: int = 4) -> tirx.PrimFunc | None:
 def _has_weight_stage(func) -> bool:
     sch = tvm.s_tir.Schedule(func)
     return any(sch.get(b).name_hint in WEIGHT_STAGES for b in sch.get_child_blocks(sch.get_sblock("root")))
-
-
-def _row_var(func):
-    """The one symbolic variable of the parameters' shapes (the row count), or None."""
-    found = {dim for p in func.params for dim in (getattr(p, "shape", None) or ()) if isinstance(dim, tirx.Var)}
-    return found.pop() if len(found) == 1 else None
 
 
 @tvm.transform.module_pass(opt_level=0, name="kiln.ScheduleCPUMatmul")

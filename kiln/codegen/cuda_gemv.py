@@ -27,7 +27,7 @@ from ..ir.tvm import dlight, tirx, tvm
 LOW_BATCH: tuple[tuple[int, int], ...] = ((1, 1), (4, 4), (16, 8))  # (n <= limit, bucket), tightest first
 
 
-def _row_var(func):
+def row_var(func):
     """The one symbolic variable of the parameters' shapes, or None."""
     found = set()
     for param in func.params:  # TVM 0.27: buffer parameters are Vars with a shape
@@ -54,7 +54,7 @@ def specialize(func, target, large_rules, low_batch=LOW_BATCH):
 
     if not isinstance(func, tirx.PrimFunc) or func.attrs is not None and "tirx.is_scheduled" in func.attrs:
         return None
-    n = _row_var(func)
+    n = row_var(func)
     if n is None:
         return None
     lows = []

@@ -65,8 +65,9 @@ def weight_only_matmul(x, qweight, scales, zeros, group: int, out_dtype: str):
     """``y[i, o] = sum_k x[i, k] * (q[o, k] - zeros[o, k/G]) * scales[o, k/G]``, fp32 accumulation.
 
     The weight element is its own stage (``dequant_weight``) read by the sum: codegen places it, never as
-    a whole weight — the CPU schedule computes one tile of output channels at a time, reused by every
-    row of x (kiln/codegen/cpu_schedule.py); on CUDA it is inlined into the reduction."""
+    a whole weight — the CPU schedule inlines it for one row and, for more, computes one tile of output
+    channels at a time, reused by every row of x (kiln/codegen/cpu_schedule.py); on CUDA it is inlined
+    into the reduction."""
     n, K = x.shape
     O = qweight.shape[0]
     k = te.reduce_axis((tirx.IntImm("int64", 0), K), name="k")

@@ -46,10 +46,11 @@ def _target(arch):
 
 
 def _module(scheme: str, parts: dict[str, np.ndarray]):
-    """``main(x [n, IN] float32, *parts) -> y`` (weight-only) or ``-> (x8, s_x, y)`` (w4a8, w8a8): the kernel
-    calls kiln/passes/quantize.py emits, their PrimFuncs marked opaque as it marks them."""
-    from kiln.ir import quant_kernels as qk
+    """``main(x [n, IN] float32, *parts) -> y`` (weight-only) or ``-> (x8, s_x, y)`` (w4a8, w8a8): the fused
+    kernels as kiln/passes/fuse_dequant_matmul.py emits them (through quantize.py's own emitter), marked
+    opaque as the pass marks them."""
     from kiln.ir.tvm import relax, tirx
+    from kiln.passes.quantize import emit_quantized_linear, mark_opaque
 
     n = tirx.Var("n", "int64")
     x = relax.Var("x", relax.TensorType((n, IN), "float32"))
@@ -57,27 +58,17 @@ def _module(scheme: str, parts: dict[str, np.ndarray]):
     bb = relax.BlockBuilder()
     with bb.function("main", [x, *p.values()]):
         with bb.dataflow():
-            if scheme in WEIGHT_ONLY:
-                y = bb.emit_te(qk.weight_only_matmul, x, p["qweight"], p["scales"], p["zeros"], group=GROUP,
-                               out_dtype="float32", primfunc_name_hint="dequant_matmul")
+            kind = "weight_only" if scheme in WEIGHT_ONLY else scheme
+            act_quant: dict = {}
+            y = emit_quantized_linear(bb, kind, x, p, GROUP, "float32", act_quant, "y")
+            if kind == "weight_only":
                 out = bb.emit_output(y)
-            else:
-                q = bb.emit_te(qk.quantize_per_token, x, primfunc_name_hint="quantize_per_token")
+            else:  # the activation codes and scales the product read, as outputs to check them too
+                q = act_quant[x]
                 x8, sx = bb.emit(relax.TupleGetItem(q, 0)), bb.emit(relax.TupleGetItem(q, 1))
-                if scheme == "w4a8":
-                    y = bb.emit_te(qk.w4a8_matmul, x8, sx, p["qweight"], p["group_scales"], p["zeros"],
-                                   p["channel_scales"], group=GROUP, out_dtype="float32",
-                                   primfunc_name_hint="w4a8_matmul")
-                else:
-                    y = bb.emit_te(qk.w8a8_matmul, x8, sx, p["qweight"], p["channel_scales"], out_dtype="float32",
-                                   primfunc_name_hint="w8a8_matmul")
                 out = bb.emit_output(relax.Tuple([x8, sx, y]))
         bb.emit_func_output(out)
-    mod = bb.get()
-    for gv, f in list(mod.functions_items()):
-        if isinstance(f, tirx.PrimFunc):
-            mod[gv] = f.with_attr("op_pattern", 8)  # kOpaque, as quantize.py leaves its kernels
-    return mod
+    return mark_opaque(bb.get())
 
 
 def _build(mod, target):
