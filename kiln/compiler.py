@@ -12,15 +12,18 @@ by ``quantize_params``, and need no calibration; the IR is quantized as for ``--
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .artifact import LIBRARY, PARAMS, installed_tvm_versions, load_artifact, write_manifest
-from .errors import KilnError
+from .errors import CompilerError, KilnError
 
 
 @dataclass(frozen=True)
@@ -119,8 +122,9 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
     lap("import")
     progress("running passes")
     fusion = Fusion(layout, scheme.group_size if scheme else None)
-    mod = run_pipeline(mod, build_pipeline(target, config.keep_reference, fusion, config.fuse, spec.kv_sources),
-                       config.dump_ir)
+    with _step("passes", model_dir):
+        mod = run_pipeline(mod, build_pipeline(target, config.keep_reference, fusion, config.fuse, spec.kv_sources),
+                           config.dump_ir)
     # the pass chose the cache from the IR (passes/paged_groups.needs_groups), the runtime will from the spec
     from .ir.abi import entry_points
 
@@ -136,7 +140,8 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
     # CPU, --no-cuda-graph, and the grouped cache's serving form, which has no decode entry point)
     max_batch = config.max_batch_size if target.name == "cuda" and config.cuda_graph and not spec.grouped_kv \
         else None
-    ex = build(mod, target, max_batch_size=max_batch)
+    with _step(f"build for {target.name}", model_dir):
+        ex = build(mod, target, max_batch_size=max_batch)
     lap("build")
 
     progress("writing the artifact")
@@ -174,6 +179,27 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
     lap("write")
     report.artifact_bytes = sum(load_artifact(out).file_sizes().values()) + (out / "manifest.json").stat().st_size
     return report
+
+
+@contextmanager
+def _step(name: str, model_dir) -> Iterator[None]:
+    """Turn a failure inside a compile step (TVM's C++ checks, a pass tripping over IR it built itself) into
+    one ``CompilerError`` line naming the step, the model and TVM's source file; the traceback goes to a log
+    file. A KilnError (the user's to fix) passes through as it is."""
+    try:
+        yield
+    except KilnError:
+        raise
+    except Exception as e:  # noqa: BLE001 (every other failure here is kiln's or TVM's, never the user's)
+        text = traceback.format_exc()
+        where = re.findall(r"/src/([\w/]+\.cc)", text)
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith("File ")]
+        first = lines[0] if lines else ""
+        with tempfile.NamedTemporaryFile("w", prefix="kiln-compile-", suffix=".log", delete=False) as log:
+            log.write(text)
+        raise CompilerError(f"compiling {model_dir} failed in {name}"
+                            f"{f' (TVM {where[-1]})' if where else ''}: {type(e).__name__}: {first[:300]} "
+                            f"[a kiln bug; traceback in {log.name}]") from None
 
 
 def _check_graph_options(path: Path, config: CompileConfig) -> None:

@@ -28,3 +28,8 @@ class TargetError(KilnError):
 
 class RequestError(KilnError):
     """A generation request has out-of-range values."""
+
+
+class CompilerError(KilnError):
+    """A compile step failed inside TVM or in kiln's passes on a model kiln accepted: a kiln bug, reported as
+    one line naming the step and the model (the full traceback goes to a log file the message names)."""

@@ -38,6 +38,8 @@ MODELS: dict[str, tuple[str, dict, dict]] = {
     "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}, {}),
     # q/k norm, head_dim different from hidden/heads
     "qwen3": ("Qwen3Config", {"head_dim": 32}, {}),
+    # attention bias on q/k/v and o_proj
+    "llama-bias": ("LlamaConfig", {"attention_bias": True}, {}),
 }
 
 BASE_CONFIG = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -222,6 +222,34 @@ def test_compile_unknown_target(hf_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_compile_failure_inside_tvm_is_one_line(hf_dir, tmp_path, monkeypatch):
+    """A compiler failure (here TVM's FuseTIR check, as a Qwen2 checkpoint with --quant once hit it) reaches the
+    user as one line naming the step, the model and TVM's source file; the traceback goes to a log file."""
+    from click.testing import CliRunner
+
+    from kiln.cli import main
+    from kiln.codegen import build as build_module
+    from kiln.ir.tvm import tvm
+
+    def failing_build(mod, target, max_batch_size=None):
+        def inner():  # TVM's C++ checks reach Python with their source file in the traceback text
+            raise tvm.error.InternalError("Check failed: (a == b) is false: Inconsistent buffers\n"
+                                          '  File "/project/src/relax/transform/fuse_tir.cc", line 392')
+        inner()
+
+    monkeypatch.setattr(build_module, "build", failing_build)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    res = CliRunner().invoke(main, ["compile", str(hf_dir), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    lines = res.output.strip().splitlines()
+    msg = lines[-1]
+    assert msg.startswith("error: compiling ") and str(hf_dir) in msg and "build for cpu" in msg, msg
+    assert "relax/transform/fuse_tir.cc" in msg and "InternalError: Check failed" in msg, msg
+    log = Path(msg.rsplit("traceback in ", 1)[1].rstrip("]"))
+    assert log.parent == tmp_path and "failing_build" in log.read_text()
+    assert not (tmp_path / "out").exists()
+
+
 def test_compile_refuses_to_overwrite_a_non_artifact(hf_dir, tmp_path):
     out = tmp_path / "precious"
     out.mkdir()

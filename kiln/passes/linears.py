@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ..errors import PassError
 from ..ir.tvm import IRModule, PyExprMutator, mutator, relax
-from .quantize import emit_quantized_linear
+from .quantize import emit_quantized_linear, mark_opaque
 
 KERNEL_KINDS = {"dequant_matmul": "weight_only", "w4a8_matmul": "w4a8", "w8a8_matmul": "w8a8"}
 
@@ -209,7 +209,7 @@ def rewrite_forward(mod: IRModule, old: Layout, new: Layout, replace: dict[relax
     out_mod = IRModule({gv: f for gv, f in built.functions_items() if gv.name_hint != "forward_rewritten"},
                        attrs=mod.attrs)
     out_mod[out_mod.get_global_var("forward")] = new_fwd
-    return out_mod
+    return mark_opaque(out_mod)  # a re-emitted quantized kernel is a new PrimFunc: keep it whole too
 
 
 def emit_linear(bb, lin: Linear, x, name: str, bias: str | None, param, group: int | None) -> relax.Var:

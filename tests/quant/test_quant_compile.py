@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import DEMO_MODEL, unfuse_params
+from quant_reference import hf_quantized_logits
 
 pytestmark = pytest.mark.cpu
 
@@ -35,63 +35,11 @@ def calib(tmp_path_factory):
     return out
 
 
-def hf_model_with(qparams, scheme, int8_activations: bool = False):
-    """transformers' model with the quantized linears' weights dequantized (and norms folded). With
-    ``int8_activations`` (w4a8, w8a8) each of those linears is an ``Int8Linear`` instead: kiln's kernels'
-    arithmetic, activations rounded to int8 per token included."""
-    from transformers import AutoModelForCausalLM
-
-    from kiln.frontend import import_hf
-    from kiln.quant import formats
-    from kiln.quant.schemes import dequantize_linear, get_scheme, quantized_linears
-
-    imp = import_hf(DEMO_MODEL, with_tokenizer=False)
-    model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, torch_dtype=torch.float32).eval()
-    sd = model.state_dict()
-    hf_name = {"input_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm"}
-    with torch.no_grad():
-        for name in quantized_linears(imp.spec):
-            i, proj = name.split(".")[1], name.split(".")[2]
-            mod = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            if not int8_activations:
-                sd[f"model.layers.{i}.{mod}.{proj}.weight"].copy_(dequantize_linear(qparams, name, scheme))
-                continue
-            if get_scheme(scheme).kind == "w4a8":
-                w8 = torch.from_numpy(formats.w4a8_weight_int8(
-                    qparams[f"{name}.qweight"], qparams[f"{name}.group_scales"], qparams[f"{name}.zeros"]))
-            else:
-                w8 = qparams[f"{name}.qweight"]
-            parent = getattr(model.model.layers[int(i)], mod)
-            assert getattr(parent, proj).bias is None
-            setattr(parent, proj, Int8Linear(w8, qparams[f"{name}.channel_scales"]))
-        for name, t in qparams.items():  # norms that received folded scales
-            parts = name.split(".")
-            if len(parts) == 3 and parts[2] in hf_name:
-                sd[f"model.layers.{parts[1]}.{hf_name[parts[2]]}.weight"].copy_(t.float())
-    return model
-
-
 def hf_logits_with(qparams, scheme, ids, int8_activations: bool = False) -> np.ndarray:
-    """``hf_model_with``'s logits [len(ids), V] for ``ids``."""
-    with torch.no_grad():
-        return hf_model_with(qparams, scheme, int8_activations)(torch.tensor([ids])).logits[0].numpy()
+    """transformers' logits [len(ids), V] of the demo model with ``qparams`` in place (tests/quant_reference.py)."""
+    from kiln.frontend.hf import load_spec
 
-
-class Int8Linear(torch.nn.Module):
-    """w4a8/w8a8's arithmetic in torch (kiln/quant/formats.py, reference_w8a8_matmul): ``x`` [..., in] float32
-    is quantized per token (``s_x = max(max|x|, 1e-5) / 127``, ``x8 = clamp(rint(x / s_x), +-127)``, half to
-    even), the integer sums are exact (float64 holds them), ``y = (float32(acc) * s_x) * s_c``."""
-
-    def __init__(self, w8: torch.Tensor, channel_scales: torch.Tensor):
-        super().__init__()
-        self.w8 = w8.to(torch.float64)  # [out, in], integers in [-127, 127]
-        self.s_c = channel_scales.float()  # [out]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s_x = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5) / 127  # [..., 1] float32
-        x8 = torch.round(x / s_x).clamp(-127, 127)  # torch.round: half to even, like np.rint and nearbyint
-        acc = x8.to(torch.float64) @ self.w8.T  # exact: |acc| < 127 * 127 * in << 2^53
-        return (acc.float() * s_x) * self.s_c
+    return hf_quantized_logits(DEMO_MODEL, qparams, load_spec(DEMO_MODEL), scheme, ids, int8_activations)
 
 
 def kiln_logits(artifact, ids) -> np.ndarray:
