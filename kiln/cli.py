@@ -71,8 +71,8 @@ def _sharing_map(text: str | None) -> tuple[int, ...] | None:
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="artifact directory")
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--arch", default=None,
-              help="cuda: sm_80, sm_86, sm_89, sm_90 (default), sm_90a; cpu: x86-64 (default, any x86-64 CPU), "
-                   "x86-64-v3 (AVX2), x86-64-v4 (AVX-512)")
+              help="cuda: sm_80, sm_86, sm_89, sm_90 (default), sm_90a; cpu: native (default: this machine's CPU, "
+                   "as -march=native), x86-64 (any x86-64 CPU), x86-64-v3 (AVX2), x86-64-v4 (AVX-512)")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="weights and activations; default: the checkpoint's")
 @click.option("--context-len", type=click.IntRange(min=16), default=None,

@@ -1,8 +1,9 @@
 """Targets are data: a name, a TVM target description and the Relax pipeline that lowers to it.
 
-``cpu`` is LLVM for x86-64: by default the baseline ISA (SSE2), so the artifact runs on any x86-64
-machine; ``--arch x86-64-v3`` (AVX2, FMA) or ``x86-64-v4`` (AVX-512) trade that portability for
-wider vectors, and the runtime refuses such an artifact on a CPU without those features. ``cuda``
+``cpu`` is LLVM for x86-64: by default ``native``, the compiling machine's own CPU (LLVM's host CPU name,
+as ``-march=native``: every vector and dot-product instruction it has), recording the ISA flags the host
+has so that the runtime refuses the artifact on a CPU without them; ``--arch x86-64`` is the portable
+baseline (SSE2), ``x86-64-v3`` (AVX2, FMA) and ``x86-64-v4`` (AVX-512) the levels between. ``cuda``
 takes an arch (sm_80, sm_86, sm_89, sm_90, sm_90a). Adding a GPU is adding an entry to CUDA_ARCHS
 (plus schedules), never touching the passes.
 """
@@ -40,9 +41,28 @@ class CpuArch:
     cpu_flags: tuple[str, ...]  # /proc/cpuinfo flags the generated code needs
 
 
+# /proc/cpuinfo names of the ISA extensions generated code may use: a ``native`` artifact records those of
+# its host (more than LLVM may actually use, so a refusal errs on the safe side)
+ISA_FLAGS = ("sse3", "ssse3", "sse4_1", "sse4_2", "popcnt", "avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "movbe",
+             "avx_vnni", "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_vnni", "avx512_bf16",
+             "avx512vbmi", "avx512_vbmi2", "avx512ifma", "avx512_bitalg", "avx512_vpopcntdq", "avx512_fp16")
+
+
+def host_cpu_flags() -> set[str] | None:
+    """The CPU feature flags of this machine (Linux), or None where they cannot be read."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
 CPU_ARCHS: dict[str, CpuArch] = {
     a.arch: a
     for a in (
+        CpuArch("native", ()),  # flags: the host's, when compiled (TargetSpec.describe)
         CpuArch("x86-64", ()),
         CpuArch("x86-64-v3", ("avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe")),
         CpuArch("x86-64-v4", ("avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe",
@@ -63,15 +83,27 @@ class TargetSpec:
     def describe(self) -> dict:
         """The manifest's record of the target; ``cpu_flags`` lets the runtime refuse a CPU that lacks them."""
         d = {"name": self.name, "arch": self.arch, "device": self.device}
-        if self.name == "cpu" and self.arch:
+        if self.name == "cpu" and self.arch == "native":
+            d["mcpu"] = self.llvm_cpu()
+            d["cpu_flags"] = sorted(set(ISA_FLAGS) & (host_cpu_flags() or set()))
+        elif self.name == "cpu" and self.arch:
             d["cpu_flags"] = list(CPU_ARCHS[self.arch].cpu_flags)
         return d
+
+    def llvm_cpu(self) -> str | None:
+        """LLVM's -mcpu for a cpu target: the host's CPU name for ``native``, the level's name, or None (the
+        baseline)."""
+        if self.arch != "native":
+            return self.arch
+        from ..ir.tvm import tvm
+
+        return tvm.target.codegen.llvm_get_system_cpu()
 
     def tvm_target(self):
         from ..ir.tvm import Target
 
         if self.name == "cpu":
-            return Target({"kind": "llvm", "mcpu": self.arch} if self.arch else {"kind": "llvm"})
+            return Target({"kind": "llvm", "mcpu": self.llvm_cpu()} if self.arch else {"kind": "llvm"})
         a = CUDA_ARCHS[self.arch]
         return Target({"kind": "cuda", "arch": a.arch, "max_shared_memory_per_block": a.max_shared_memory_per_block,
                        "max_threads_per_block": 1024, "thread_warp_size": 32}, host={"kind": "llvm"})
@@ -79,8 +111,9 @@ class TargetSpec:
 
 def resolve_target(name: str, arch: str | None = None) -> TargetSpec:
     if name == "cpu":
-        if arch in (None, "x86-64"):
+        if arch == "x86-64":
             return TargetSpec("cpu")
+        arch = arch or "native"
         if arch not in CPU_ARCHS:
             raise TargetError(f"unknown CPU arch {arch!r}; kiln knows {', '.join(CPU_ARCHS)} "
                               "(--arch sm_XX is for --target cuda)")

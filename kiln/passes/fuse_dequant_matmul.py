@@ -24,7 +24,7 @@ from __future__ import annotations
 from ..errors import PassError
 from ..ir.tvm import IRModule, relax
 from .linears import Layout, Merge, rewrite_forward
-from .quantize import emit_int8_linear, emit_quantized_linear, mark_opaque
+from .quantize import emit_int8_linear, emit_quantized_linear
 
 
 def _op(v) -> str:
@@ -73,7 +73,7 @@ def fuse_dequant_matmul(mod: IRModule, layout: Layout, group: int | None = None)
         return mod, layout, []
     if group is None:
         raise PassError("fuse_dequant_matmul: a 4-bit weight needs the scheme's group size")
-    return mark_opaque(rewrite_forward(mod, layout, layout, replace)), layout, []
+    return rewrite_forward(mod, layout, layout, replace), layout, []  # kernels kept whole (linears.py)
 
 
 __all__ = ["fuse_dequant_matmul"]

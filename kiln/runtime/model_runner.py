@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..artifact import Artifact
+from ..codegen.targets import host_cpu_flags
 from ..errors import ArtifactError, KilnError
 from ..ir.abi import entry_points
 from .kv_cache import KVCacheConfig, TVMPagedKVCache
@@ -49,23 +50,15 @@ def prepare_step(token_lists: list[list[int]], grouped: bool = False) -> StepInp
     return StepInputs(entry, ids, lens, positions)
 
 
-def host_cpu_flags() -> set[str] | None:
-    """The CPU feature flags of this machine (Linux), or None where they cannot be read."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return None
-
-
 def _check_cpu_flags(artifact: Artifact) -> None:
     """An artifact built for wider vectors would die of an illegal instruction on an older CPU: refuse it."""
     need = set(artifact.target.get("cpu_flags", ()))
     have = host_cpu_flags()
     if need and have is not None and not need <= have:
-        raise ArtifactError(f"{artifact.path} was compiled for {artifact.target.get('arch')}, which needs CPU features "
+        arch = artifact.target.get("arch")
+        if artifact.target.get("mcpu"):
+            arch = f"{arch} ({artifact.target['mcpu']})"
+        raise ArtifactError(f"{artifact.path} was compiled for {arch}, which needs CPU features "
                             f"this machine lacks ({', '.join(sorted(need - have))}); recompile with a lower --arch")
 
 

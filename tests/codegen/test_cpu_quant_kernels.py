@@ -33,12 +33,11 @@ GROUP = 128
 OUT, IN = 256, 688  # the demo model's down_proj: 688 = 5 * 128 + 48, a short last group
 KERNELS = ("dequant_matmul", "w4a8_matmul", "w8a8_matmul")  # the matmuls ScheduleCPUMatmul must tile
 WEIGHT_ONLY = ("w4g128", "w3g128")
-ARCHS = (None, "x86-64-v3")  # kiln's default (SSE2) and AVX2 + FMA
+ARCHS = ("x86-64", "x86-64-v3", None)  # SSE2, AVX2 + FMA, kiln's default (the host's own CPU)
 
 
 def _target(arch):
-    from kiln.codegen.targets import CPU_ARCHS, resolve_target
-    from kiln.runtime.model_runner import host_cpu_flags
+    from kiln.codegen.targets import CPU_ARCHS, host_cpu_flags, resolve_target
 
     if arch and not set(CPU_ARCHS[arch].cpu_flags) <= (host_cpu_flags() or set()):
         pytest.skip(f"this CPU cannot run {arch} code")

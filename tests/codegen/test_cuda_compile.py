@@ -239,7 +239,7 @@ def test_manifest_and_inspect_record_the_arch(cuda_artifact):
 
 
 def test_resolve_cpu():
-    t = resolve_target("cpu")
+    t = resolve_target("cpu", "x86-64")
     assert t == TargetSpec("cpu") and t.arch is None and t.device == "cpu"
     assert t.describe() == {"name": "cpu", "arch": None, "device": "cpu"}
 
@@ -279,10 +279,16 @@ def test_rejects_cuda_arch_for_cpu():
 
 
 def test_cpu_archs():
-    assert resolve_target("cpu") == resolve_target("cpu", "x86-64") == TargetSpec("cpu")
+    assert resolve_target("cpu") == resolve_target("cpu", "native") == TargetSpec("cpu", "native")
+    assert resolve_target("cpu", "x86-64") == TargetSpec("cpu")
     v3 = resolve_target("cpu", "x86-64-v3")
     assert v3.describe()["cpu_flags"] and "avx2" in v3.describe()["cpu_flags"]
-    assert "cpu_flags" not in resolve_target("cpu").describe()
+    assert "cpu_flags" not in resolve_target("cpu", "x86-64").describe()
+    from kiln.codegen.targets import host_cpu_flags
+
+    native = resolve_target("cpu").describe()  # the host's own CPU, as -march=native
+    assert native["mcpu"] and set(native["cpu_flags"]) <= (host_cpu_flags() or set())
+    assert resolve_target("cpu").tvm_target().attrs["mcpu"] == native["mcpu"]
 
 
 @pytest.mark.cpu
