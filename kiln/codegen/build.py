@@ -79,6 +79,21 @@ def _cuda_pipeline(target, max_batch_size):
     return pipeline
 
 
+@tvm.transform.module_pass(opt_level=0, name="kiln.MarkNoAlias")
+def mark_noalias(mod, _ctx):
+    """Every CPU kernel's buffer arguments are distinct memory (the VM and the KV-cache builtins never pass one
+    tensor twice; an in-place kernel takes its buffer once), so every PrimFunc may say so. It matters beyond
+    the kernel itself: TVM 0.27's LLVM codegen drops ``noalias`` and the 64-byte alignment of every kernel of a
+    module that holds one PrimFunc without ``tirx.noalias`` (TVM's KV-cache and attention kernels lack it),
+    which halved kiln's scheduled linears (measured: a gate/up projection over 512 rows 143 ms in the model's
+    library, 75 ms alone; 77 ms with the attribute on both)."""
+    updated = {gv: f.with_attr("tirx.noalias", True) for gv, f in mod.functions_items()
+               if isinstance(f, tvm.tirx.PrimFunc) and not (f.attrs or {}).get("tirx.noalias", False)}
+    for gv, f in updated.items():
+        mod[gv] = f
+    return mod
+
+
 def _cpu_pipeline(target):
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
@@ -90,7 +105,7 @@ def _cpu_pipeline(target):
         seq = tvm.transform.Sequential(
             [relax.transform.FuseTransposeMatmul()] + cpu.library_dispatch_passes(target)
             + cpu.legalize_passes(target) + [ScheduleCPUMatmul]
-            + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
+            + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target) + [mark_noalias])
         with target:
             return seq(mod)
 

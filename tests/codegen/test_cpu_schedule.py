@@ -11,7 +11,7 @@ import pytest
 
 pytestmark = pytest.mark.cpu
 
-ROWS = (1, 3, 8, 33)
+ROWS = (1, 3, 8, 33, 64, 133)  # each schedule of the row-count branch, and padded row blocks
 
 
 def _legalize(mod):
