@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..artifact import Artifact
-from ..codegen.targets import host_cpu_flags
+from ..cpu_features import host_cpu_flags
 from ..errors import ArtifactError, KilnError
 from ..ir.abi import entry_points
 from .kv_cache import KVCacheConfig, TVMPagedKVCache

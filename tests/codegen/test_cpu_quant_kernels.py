@@ -37,7 +37,8 @@ ARCHS = ("x86-64", "x86-64-v3", None)  # SSE2, AVX2 + FMA, kiln's default (the h
 
 
 def _target(arch):
-    from kiln.codegen.targets import CPU_ARCHS, host_cpu_flags, resolve_target
+    from kiln.codegen.targets import CPU_ARCHS, resolve_target
+    from kiln.cpu_features import host_cpu_flags
 
     if arch and not set(CPU_ARCHS[arch].cpu_flags) <= (host_cpu_flags() or set()):
         pytest.skip(f"this CPU cannot run {arch} code")

@@ -284,7 +284,7 @@ def test_cpu_archs():
     v3 = resolve_target("cpu", "x86-64-v3")
     assert v3.describe()["cpu_flags"] and "avx2" in v3.describe()["cpu_flags"]
     assert "cpu_flags" not in resolve_target("cpu", "x86-64").describe()
-    from kiln.codegen.targets import host_cpu_flags
+    from kiln.cpu_features import host_cpu_flags
 
     native = resolve_target("cpu").describe()  # the host's own CPU, as -march=native
     assert native["mcpu"] and set(native["cpu_flags"]) <= (host_cpu_flags() or set())
