@@ -62,6 +62,42 @@ def _check_cpu_flags(artifact: Artifact) -> None:
                             f"this machine lacks ({', '.join(sorted(need - have))}); recompile with a lower --arch")
 
 
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def read_safetensors(path, names: list[str]):
+    """Yield ``(name, tensor)`` for ``names`` from a safetensors file, each a fresh torch CPU tensor (64-byte
+    aligned: c10's CPU allocator) filled by reading the file into it — no memory map, no second copy."""
+    import json
+    import struct
+
+    import torch
+
+    with open(path, "rb") as f:
+        try:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        except (struct.error, ValueError, UnicodeDecodeError):
+            raise ArtifactError(f"{path} is not a safetensors file") from None
+        missing = [n for n in names if n not in header]
+        if missing:
+            raise ArtifactError(f"{path} lacks {', '.join(missing[:5])}")
+        for name in names:
+            info = header[name]
+            if info.get("dtype") not in SAFETENSORS_DTYPES:
+                raise ArtifactError(f"{path}: {name} has dtype {info.get('dtype')!r}, which kiln does not read")
+            t = torch.empty(info["shape"], dtype=getattr(torch, SAFETENSORS_DTYPES[info["dtype"]]))
+            start, end = info["data_offsets"]
+            view = t.reshape(-1).view(torch.uint8).numpy()
+            if end - start != view.nbytes:
+                raise ArtifactError(f"{path}: {name}'s data is {end - start} bytes, its shape needs {view.nbytes}")
+            f.seek(8 + size + start)
+            if f.readinto(memoryview(view)) != view.nbytes:
+                raise ArtifactError(f"{path} is truncated (in {name})")
+            yield name, t
+
+
 RANDOM_STD = 0.02  # transformers' initializer_range: activations and logits stay well inside fp16's range
 
 
@@ -130,18 +166,14 @@ class ModelRunner:
         self.kv = GroupedKVCache(self.spec, cfg, device, ffi) if self.grouped else TVMPagedKVCache(self.vm, cfg)
 
     def _load_params(self) -> list:
-        import torch
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(self.artifact.params_file))
+        """The weights, each read from params.safetensors straight into its own 64-byte aligned buffer (TVM's
+        kernels assume that alignment; a tensor sliced out of the file is not aligned), one at a time: peak
+        memory is the weights once, not the file's copy plus the aligned one. On a GPU each goes to the device
+        and its host buffer is dropped."""
         names = self.artifact.param_names
-        missing = [n for n in names if n not in tensors]
-        if missing:
-            raise ArtifactError(f"{self.artifact.params_file} lacks {', '.join(missing[:5])}")
-        # TVM's kernels assume 64-byte aligned buffers; tensors sliced out of a safetensors file are not.
-        # A fresh torch allocation is (c10 aligns CPU memory to 64 bytes).
-        self._keep = [tensors[n].to("cuda") if self.device == "cuda" else torch.empty_like(tensors[n]).copy_(tensors[n])
-                      for n in names]
+        self._keep = []
+        for name, t in read_safetensors(self.artifact.params_file, names):
+            self._keep.append(t.to("cuda") if self.device == "cuda" else t)
         if "param_shapes" in self.artifact.manifest:
             for (name, (shape, dtype)), t in zip(self.artifact.param_layout.items(), self._keep):
                 if tuple(t.shape) != shape or str(t.dtype).removeprefix("torch.") != dtype:
