@@ -29,8 +29,8 @@ A float linear over a symbolic row count branches on it (``schedule_func``):
 
 The quantized linears of kiln/ir/quant_kernels.py (``dequant_matmul``, ``int_matmul``: the weight is
 dequantized inside the sum) get the same tiling and a branch on the row count: one row unpacks the
-weight inline in the sum, more rows compute the weight stage once per tile of output channels and reuse
-it for every row (never the whole weight). The plain form's whole-weight ``dequantize_*`` kernels
+weight inline in the sum, more rows take the register-blocked schedule below with the weight stage computed
+once per tile of 4 output channels, on the task's stack, for every row (never the whole weight). The plain form's whole-weight ``dequantize_*`` kernels
 (``--no-fuse``) run their rows in parallel. Anything else (attention kernels, norms, RoPE,
 KV-cache copies, or a matmul in a shape the rule does not expect) passes through untouched: the rule matches the matmul block structurally and gives up on
 the whole function (keeping the original) if any schedule step is refused.
@@ -199,39 +199,49 @@ def _schedule(func: tirx.PrimFunc, lanes: int, tiled_weight: bool = False) -> ti
 
 
 def _padded_linear(func, rows: int):
-    """(schedule, mm, the block written last) with the row count of a float linear padded to a multiple of
-    ``rows`` (``pad_einsum``: x is copied into a zero-padded buffer, the product written to a padded one), so
-    the row loop splits without a tail; None where ``func`` is not a float linear of the expected form."""
+    """(schedule, mm, the block written last, the weight stage or None) with the row count of a linear padded
+    to a multiple of ``rows`` (``pad_einsum``: x is copied into a zero-padded buffer, the product written to a
+    padded one), so the row loop splits without a tail; None where ``func`` is not a float linear or one of
+    kiln/ir/quant_kernels.py's fused ones."""
     if not _has_root(func):
         return None
     sch = tvm.s_tir.Schedule(func)
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    if not blocks or not _match_nt_matmul(sch.get(blocks[0])):
+    stage = None
+    if len(blocks) > 1 and sch.get(blocks[0]).name_hint in WEIGHT_STAGES:
+        stage, blocks = blocks[0], blocks[1:]
+    if not blocks or not (_is_quant_matmul(sch.get(blocks[0])) if stage is not None
+                          else _match_nt_matmul(sch.get(blocks[0]))):
         return None
     epilogue = blocks[1:]
     for b in epilogue:
         block = sch.get(b)
         if len(block.iter_vars) != 2 or any(int(v.iter_type) != tirx.IterVar.DataPar for v in block.iter_vars):
             return None
-    sch.pad_einsum(blocks[0], [rows, 1, 1])
-    x_pad, mm, copy = sch.get_child_blocks(sch.get_sblock("root"))[:3]
+    mm = blocks[0]
+    sch.pad_einsum(mm, [rows, 1, 1])
+    padded = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if stage is None or not sch.get(b).same_as(
+        sch.get(stage))]
+    x_pad, mm, copy = padded[:3]
     if epilogue:  # the epilogue reads the padded product directly; all but its last block inlined
         sch.compute_inline(copy)
         for b in epilogue[:-1]:
             sch.compute_inline(b)
     sch.parallel(sch.get_loops(x_pad)[0])
-    return sch, mm, epilogue[-1] if epilogue else copy
+    return sch, mm, epilogue[-1] if epilogue else copy, stage
 
 
 def _schedule_rows(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:
     """A few rows (batched decode, short chunks): dot products with a register block of ``ROW_BLOCK`` rows x
     columns, each a vector of partial sums over k (``lanes`` wide), so each vector of W loaded serves every
-    row of the block and each vector of x every column; the partial sums are added across lanes at the end."""
+    row of the block and each vector of x every column; the partial sums are added across lanes at the end.
+    A fused quantized linear's weight stage is computed per task, its tile of ``nr`` output channels
+    dequantized once (on the task's stack) for every row."""
     mr, nr = ROW_BLOCK
     padded = _padded_linear(func, mr)
     if padded is None:
         return None
-    sch, mm, last = padded
+    sch, mm, last, stage = padded
     i, j, k = sch.get_loops(mm)
     n, kk = _as_int(sch.get(j).extent), _as_int(sch.get(k).extent)
     if n is None or kk is None or kk % lanes or n % nr:
@@ -249,6 +259,9 @@ def _schedule_rows(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:
     sch.unroll(ji)
     sch.unroll(ii)
     sch.parallel(jo)
+    if stage is not None:
+        sch.compute_at(stage, jo)
+        sch.set_scope(stage, 0, "local")
     sch.decompose_reduction(rf, ko)
     return sch.mod["main"]
 
@@ -262,12 +275,13 @@ def _schedule_panel(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:
     padded = _padded_linear(func, mr)
     if padded is None:
         return None
-    sch, mm, last = padded
+    sch, mm, last, stage = padded
     i, j, k = sch.get_loops(mm)
     n = _as_int(sch.get(j).extent)
     if n is None or n % nr:
         return None
-    pack = sch.cache_read(mm, 1, "global")
+    # the panel: a copy of W's tile, or a quantized linear's weight stage (the tile dequantized) written k-major
+    pack = sch.cache_read(mm, 1, "global") if stage is None else stage
     sch.transform_layout(pack, ("write", 0), lambda j, k: (j // nr, k, j % nr))
     acc = sch.cache_write(mm, 0, "local")
     jo, ji = sch.split(j, [None, nr])
@@ -335,15 +349,19 @@ def schedule_func(func: tirx.PrimFunc, lanes: int = 4) -> tirx.PrimFunc | None:
     products (``_schedule_rows``), more the packed-panel outer product (``_schedule_panel``). A fused quantized
     linear (a weight stage, kiln/ir/quant_kernels.py) gets two: up to ``TILED_WEIGHT_ROWS`` rows (decode) the
     weight is dequantized inline in the sum, read once; beyond, each task dequantizes its tile of output
-    channels once and every row reads it, where inline it would be unpacked once per row."""
+    channels once and every row reads it (``_schedule_rows``, else the GEMV schedule over that tile), where
+    inline it would be unpacked once per row."""
     try:
         small = _schedule(func, lanes)
         n = row_var(func)
         if small is None or n is None:
             return small
         if _has_weight_stage(func):
-            large = _schedule(func, lanes, tiled_weight=True)
-            return small if large is None else _branches(func, [(n <= TILED_WEIGHT_ROWS, small), (None, large)])
+            mid = _schedule_rows(func, lanes) or _schedule(func, lanes, tiled_weight=True)
+            big = _schedule_panel(func, lanes) or mid
+            if mid is None:
+                return small
+            return _branches(func, [(n <= TILED_WEIGHT_ROWS, small), (n < PANEL_ROWS, mid), (None, big)])
         mid = _schedule_rows(func, lanes) or small  # (a shape a schedule declines runs the one before it)
         big = _schedule_panel(func, lanes) or mid
         cases = []

@@ -28,7 +28,7 @@ from kiln.quant import formats
 
 pytestmark = pytest.mark.cpu
 
-ROWS = (1, 7, 33)  # decode GEMV and prefill GEMM over the same compiled kernel
+ROWS = (1, 7, 33, 70)  # every branch of the same compiled kernel: one row, a few (register blocks), many (panels)
 GROUP = 128
 OUT, IN = 256, 688  # the demo model's down_proj: 688 = 5 * 128 + 48, a short last group
 KERNELS = ("dequant_matmul", "w4a8_matmul", "w8a8_matmul")  # the matmuls ScheduleCPUMatmul must tile
