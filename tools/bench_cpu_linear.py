@@ -2,6 +2,7 @@
 
     python tools/bench_cpu_linear.py [--shape 9728x896 896x4864 1152x896] [--rows 1 8 512] [--arch native]
                                      [--schedules kiln gemv rows panel] [--cpu-time]
+    python tools/bench_cpu_linear.py --quant rtn-w4g128 [--shape ...] [--rows ...]
 
 Each shape ``NxK`` (W is [N, K], the model's [out, in]) is compiled once per schedule of
 kiln/codegen/cpu_schedule.py with a symbolic row count, the way a model's linears are: ``kiln`` is what a
@@ -10,6 +11,9 @@ count. Each is then called with each ``--rows`` count, the schedules taking turn
 GFLOP/s and weight bytes read per second, one JSON line per (shape, rows, schedule). The shapes default to
 the Qwen2.5-0.5B decoder's gate/up, down and fused q/k/v projections. ``TVM_NUM_THREADS`` sets the threads;
 ``--cpu-time`` times the calling thread's CPU time (with ``TVM_NUM_THREADS=1``: steadier on a busy machine).
+``--quant SCHEME`` times the fused quantized linear of that scheme instead (kiln/passes/quantize.py's emitter
+on RTN-packed random weights, built by kiln's CPU pipeline: schedule ``kiln`` only), reporting the packed
+weight bytes read per second.
 """
 
 from __future__ import annotations
@@ -55,6 +59,30 @@ def build(func, arch: str | None, schedule: str = "kiln"):
     return tvm.compile(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}), target=target)
 
 
+def quant_linear(n: int, k: int, scheme: str, rng):
+    """(the fused quantized linear ``x @ W^T`` as a Relax module, its packed weight tensors, packed bytes) for
+    a random [n, k] weight quantized with ``scheme``."""
+    import torch
+
+    from kiln.ir.tvm import relax, tirx
+    from kiln.passes.quantize import emit_quantized_linear, mark_opaque
+    from kiln.quant.schemes import get_scheme, quantize_linear
+
+    sch = get_scheme(scheme)
+    w = torch.from_numpy(0.05 * rng.standard_normal((n, k)).astype("float32"))
+    parts = {name: t.numpy() for name, t in quantize_linear(w, sch, torch.float32).items()}
+    m = tirx.Var("m", "int64")
+    x = relax.Var("x", relax.TensorType((m, k), "float32"))
+    p = {name: relax.Var(name, relax.TensorType(a.shape, str(a.dtype))) for name, a in parts.items()}
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, *p.values()]):
+        with bb.dataflow():
+            y = emit_quantized_linear(bb, sch.kind, x, p, sch.group_size, "float32", {}, "y")
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return mark_opaque(bb.get()), parts, sum(a.nbytes for a in parts.values())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", nargs="+", default=["9728x896", "896x4864", "1152x896"])
@@ -63,7 +91,10 @@ def main() -> None:
     ap.add_argument("--schedules", nargs="+", default=["kiln"], choices=["kiln", "gemv", "rows", "panel"])
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--cpu-time", action="store_true", help="the calling thread's CPU time instead of wall time")
+    ap.add_argument("--quant", default=None, help="time this scheme's fused quantized linear (rtn-w4g128, w4a8, ...)")
     args = ap.parse_args()
+    if args.quant:
+        return bench_quant(args)
 
     from kiln.ir.tvm import tvm
 
@@ -94,6 +125,33 @@ def main() -> None:
                                   "gflops": round(2 * m * n * k / sec / 1e9, 1),
                                   "weight_gbs": round(4 * n * k / sec / 1e9, 1), "max_abs_err": errs[name]}),
                       flush=True)
+
+
+def bench_quant(args) -> None:
+    from kiln.codegen.build import build as kiln_build
+    from kiln.codegen.targets import resolve_target
+    from kiln.ir.tvm import relax, tvm
+
+    clock = time.thread_time if args.cpu_time else time.perf_counter
+    dev = tvm.cpu()
+    rng = np.random.default_rng(0)
+    for shape in args.shape:
+        n, k = (int(v) for v in shape.split("x"))
+        mod, parts, packed_bytes = quant_linear(n, k, args.quant, rng)
+        vm = relax.VirtualMachine(kiln_build(mod, resolve_target("cpu", args.arch)), dev)
+        weights = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in parts.values()]
+        for m in args.rows:
+            x = tvm.runtime.tensor(rng.standard_normal((m, k)).astype("float32"), dev)
+            vm["main"](x, *weights)
+            times = []
+            for _ in range(args.repeats):
+                t = clock()
+                vm["main"](x, *weights)
+                times.append(clock() - t)
+            sec = statistics.median(times)
+            print(json.dumps({"shape": shape, "rows": m, "quant": args.quant, "ms": round(sec * 1e3, 3),
+                              "gflops": round(2 * m * n * k / sec / 1e9, 1),
+                              "packed_gbs": round(packed_bytes / sec / 1e9, 2)}), flush=True)
 
 
 if __name__ == "__main__":
