@@ -283,7 +283,14 @@ def _schedule_panel(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:
     if n is None or n % nr:
         return None
     # the panel: a copy of W's tile, or a quantized linear's weight stage (the tile dequantized) written k-major
-    pack = sch.cache_read(mm, 1, "global") if stage is None else stage
+    if stage is None:  # W is the read whose rows are the output columns (a static extent; x_pad's is not)
+        reads = sch.get(mm).reads
+        w_index = [r for r, region in enumerate(reads) if _as_int(region.source.shape[0]) == n]
+        if len(w_index) != 1:
+            return None
+        pack = sch.cache_read(mm, w_index[0], "global")
+    else:
+        pack = stage
     sch.transform_layout(pack, ("write", 0), lambda j, k: (j // nr, k, j % nr))
     acc = sch.cache_write(mm, 0, "local")
     jo, ji = sch.split(j, [None, nr])
