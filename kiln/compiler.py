@@ -191,8 +191,13 @@ def _step(name: str, model_dir) -> Iterator[None]:
     except KilnError:
         raise
     except Exception as e:  # noqa: BLE001 (every other failure here is kiln's or TVM's, never the user's)
+        from .passes.pipeline import PASS_NOTE
+
         text = traceback.format_exc()
         where = re.findall(r"/src/([\w/]+\.cc)", text)
+        passes = [n[len(PASS_NOTE):] for n in getattr(e, "__notes__", ()) if n.startswith(PASS_NOTE)]
+        if passes:
+            name = f"pass {passes[-1]}"
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith("File ")]
         first = lines[0] if lines else ""
         with tempfile.NamedTemporaryFile("w", prefix="kiln-compile-", suffix=".log", delete=False) as log:

@@ -250,6 +250,23 @@ def test_compile_failure_inside_tvm_is_one_line(hf_dir, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_compile_failure_in_a_pass_names_the_pass(hf_dir, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from kiln.cli import main
+    from kiln.passes import pipeline
+
+    def broken(mod, layout, group=None):
+        raise AttributeError("'NoneType' object has no attribute 'args'")
+
+    monkeypatch.setattr(pipeline, "fuse_qkv", broken)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    res = CliRunner().invoke(main, ["compile", str(hf_dir), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    msg = res.output.strip().splitlines()[-1]
+    assert "failed in pass fuse_qkv: AttributeError: 'NoneType' object has no attribute 'args'" in msg, msg
+
+
 def test_compile_refuses_to_overwrite_a_non_artifact(hf_dir, tmp_path):
     out = tmp_path / "precious"
     out.mkdir()

@@ -90,15 +90,22 @@ def _entries(mod: IRModule) -> list[str]:
             if isinstance(f, relax.Function) and f.attrs is not None and "global_symbol" in f.attrs]
 
 
+PASS_NOTE = "kiln pass: "
+
+
 def run_pipeline(mod: IRModule, steps: list[Step], dump_dir: Path | None = None) -> IRModule:
     if dump_dir is not None:
         dump_dir = Path(dump_dir)
         dump_dir.mkdir(parents=True, exist_ok=True)
         (dump_dir / "00-input.py").write_text(mod.script())
     for i, step in enumerate(steps, start=1):
-        mod = step.run(mod)
-        if step.check is not None:
-            step.check(mod)
+        try:
+            mod = step.run(mod)
+            if step.check is not None:
+                step.check(mod)
+        except Exception as e:
+            e.add_note(f"{PASS_NOTE}{step.name}")  # for the compiler's one-line report of a failure
+            raise
         if dump_dir is not None:
             (dump_dir / f"{i:02d}-{step.name}.py").write_text(mod.script())
     return mod
