@@ -27,6 +27,10 @@ A float linear over a symbolic row count branches on it (``schedule_func``):
 
 ``tools/bench_cpu_linear.py --schedules kiln gemv rows panel`` times each against the others.
 
+The w4a8 linear goes first to kiln/codegen/cpu_int8.py: on a target with 8-bit dot products (AVX2, AVX-512BW,
+AVX-512 VNNI) and 128-column groups it is replaced by a kernel that multiplies the 4-bit weights with the int8
+activations on those instructions; otherwise it is scheduled below like the others.
+
 The quantized linears of kiln/ir/quant_kernels.py (``dequant_matmul``, ``int_matmul``: the weight is
 dequantized inside the sum) get the same tiling and a branch on the row count: one row unpacks the
 weight inline in the sum, more rows take the register-blocked schedule below with the weight stage computed
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 from ..ir.quant_kernels import WEIGHT_STAGES
 from ..ir.tvm import tirx, tvm
+from .cpu_int8 import schedule_w4a8
 from .cuda_gemv import row_var
 
 NJ = 8  # output columns (rows of W) per tile; each has its own vector accumulator
@@ -391,11 +396,12 @@ def _has_weight_stage(func) -> bool:
 
 @tvm.transform.module_pass(opt_level=0, name="kiln.ScheduleCPUMatmul")
 def ScheduleCPUMatmul(mod, _ctx):  # noqa: N802 (a pass, named like TVM's)
-    lanes = vector_lanes(tvm.target.Target.current(allow_none=True))
+    target = tvm.target.Target.current(allow_none=True)
+    lanes = vector_lanes(target)
     updated = {}
     for gv, func in mod.functions_items():
         if isinstance(func, tirx.PrimFunc) and not (func.attrs or {}).get("tirx.is_scheduled", False):
-            new = schedule_func(func, lanes)
+            new = schedule_w4a8(func, target) or schedule_func(func, lanes)
             if new is not None:
                 updated[gv] = new.with_attr("tirx.is_scheduled", True)
     if not updated:

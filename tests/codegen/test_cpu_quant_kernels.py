@@ -45,7 +45,7 @@ def _target(arch):
     return resolve_target("cpu", arch)
 
 
-def _module(scheme: str, parts: dict[str, np.ndarray]):
+def _module(scheme: str, parts: dict[str, np.ndarray], k: int = IN):
     """``main(x [n, IN] float32, *parts) -> y`` (weight-only) or ``-> (x8, s_x, y)`` (w4a8, w8a8): the fused
     kernels as kiln/passes/fuse_dequant_matmul.py emits them (through quantize.py's own emitter), marked
     opaque as the pass marks them."""
@@ -53,7 +53,7 @@ def _module(scheme: str, parts: dict[str, np.ndarray]):
     from kiln.passes.quantize import emit_quantized_linear, mark_opaque
 
     n = tirx.Var("n", "int64")
-    x = relax.Var("x", relax.TensorType((n, IN), "float32"))
+    x = relax.Var("x", relax.TensorType((n, k), "float32"))
     p = {name: relax.Var(name, relax.TensorType(a.shape, str(a.dtype))) for name, a in parts.items()}
     bb = relax.BlockBuilder()
     with bb.function("main", [x, *p.values()]):
@@ -107,22 +107,22 @@ def _run(ex, arrays):
     return out.numpy() if hasattr(out, "numpy") else [t.numpy() for t in out]  # a tensor, or a tuple of them
 
 
-def _weight(seed: int) -> torch.Tensor:
+def _weight(seed: int, k: int = IN) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    w = 0.05 * torch.randn(OUT, IN, generator=g)
-    w[:, IN - 48:] *= 3.0  # the short last group gets its own, wider range
+    w = 0.05 * torch.randn(OUT, k, generator=g)
+    w[:, k - 48:] *= 3.0  # the short last group gets its own, wider range
     w[::17, 5] = 0.9  # a few outliers: groups whose scale they set
     return w
 
 
-def _activations(n: int, seed: int) -> np.ndarray:
+def _activations(n: int, seed: int, k: int = IN) -> np.ndarray:
     """[n, IN] float32 with channel outliers, plus rows that hit the per-token quantizer's edge cases:
     row 0 has max|x| = 127 (s_x = 1 exactly) and every other value halfway between two integers, so its
     codes test round-half-to-even; when n > 2 the last row is zeros (s_x = the 1e-5 clamp / 127, codes 0)
     and the one before is tiny (max|x| = 1e-8, below the clamp)."""
     rng = np.random.default_rng(seed)
-    x = (rng.standard_normal((n, IN)) * np.exp(rng.standard_normal(IN))).astype(np.float32)
-    x[0] = rng.integers(-126, 126, IN) + 0.5
+    x = (rng.standard_normal((n, k)) * np.exp(rng.standard_normal(k))).astype(np.float32)
+    x[0] = rng.integers(-126, 126, k) + 0.5
     x[0, 3] = -127.0
     if n > 2:
         x[-1] = 0.0
@@ -130,8 +130,8 @@ def _activations(n: int, seed: int) -> np.ndarray:
     return x
 
 
-def _parts(scheme: str, seed: int) -> dict[str, np.ndarray]:
-    w = _weight(seed)
+def _parts(scheme: str, seed: int, k: int = IN) -> dict[str, np.ndarray]:
+    w = _weight(seed, k)
     if scheme in WEIGHT_ONLY:
         q, scales, zeros = formats.quantize_weight_only(w, int(scheme[1]), GROUP)
         parts = {"qweight": formats.pack_int4(q), "scales": scales, "zeros": zeros}
@@ -194,3 +194,36 @@ def test_int8_matches_numpy(scheme, arch):
         ref = formats.reference_w4a8_matmul(x, *parts.values(), GROUP) if scheme == "w4a8" else \
             formats.reference_w8a8_matmul(x, *parts.values())
         np.testing.assert_allclose(y, ref, rtol=1e-6, atol=0, err_msg=f"formats' reference, n={n}")
+
+
+# the instruction each --arch's w4a8 kernel multiplies bytes with (kiln/codegen/cpu_int8.py), as the intrinsic's
+# name in the scheduled TIR: AVX2 and AVX-512BW multiply-add pairs of bytes, VNNI sums four in one
+DOT_INTRINSIC = {"x86-64-v3": "llvm.x86.avx2.pmadd.ub.sw", "x86-64-v4": "llvm.x86.avx512.pmaddubs.w.512"}
+ROWS_INT8 = (1, 2, 5, 8, 33)  # the one-row block, the 4-row blocks with padding (2, 5, 33) and without (8)
+
+
+@pytest.mark.parametrize("arch", ("x86-64", "x86-64-v3", "x86-64-v4", None))
+def test_w4a8_on_integer_dot_products_matches_numpy(arch):
+    """With 128-column groups only (K = 768 here), the w4a8 linear runs on 8-bit dot products where the target
+    has them (AVX2 and up) and on the generic schedule on plain x86-64; bit-equal to the int64 sum either way."""
+    from kiln.cpu_features import host_cpu_flags
+
+    k = 768
+    parts = _parts("w4a8", seed=3, k=k)
+    target = _target(arch)
+    ex, funcs = _build(_module("w4a8", parts, k), target)
+    (mm,) = [f for name, f in funcs.items() if name.startswith("w4a8_matmul")]
+    text = mm.script()
+    if arch == "x86-64":
+        assert "T.vectorized" in text and "llvm.x86" not in text
+    else:
+        vnni = arch is None and "avx512_vnni" in (host_cpu_flags() or set())
+        want = "llvm.x86.avx512.vpdpbusd.512" if vnni else DOT_INTRINSIC.get(arch, "llvm.x86.avx512.pmaddubs.w.512")
+        assert want in text, f"{arch}: the w4a8 linear does not use {want}"
+    w8 = formats.w4a8_weight_int8(parts["qweight"], parts["group_scales"], parts["zeros"], GROUP)
+    for n in ROWS_INT8:
+        x = _activations(n, seed=n, k=k)
+        x8, s_x, y = _run(ex, [x, *parts.values()])
+        acc = formats.int8_matmul(x8, w8)
+        want = (acc.astype(np.float32) * s_x[:, None]) * parts["channel_scales"][None, :]
+        np.testing.assert_array_equal(y, want, err_msg=f"n={n}")
