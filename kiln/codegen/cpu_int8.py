@@ -105,9 +105,9 @@ def w4a8_kernel(O: int, K: int, out_dtype: str, isa: str):  # noqa: N803 (the ke
                         qweight[vjo * NJ:vjo * NJ + NJ, 0:W], gscale[vjo * NJ:vjo * NJ + NJ, 0:G],
                         zeros[vjo * NJ:vjo * NJ + NJ, 0:G], sx[0:n], cscale[vjo * NJ:vjo * NJ + NJ])
                 T.writes(y[0:n, vjo * NJ:vjo * NJ + NJ])
-                acc = T.sblock_alloc_buffer((rows * cols * lanes,), "int32", scope="local")
-                part = T.sblock_alloc_buffer((rows * cols * lanes,), "int32", scope="local")
-                corr = T.sblock_alloc_buffer((rows * cols,), "int32", scope="local")
+                acc = T.sblock_alloc_buffer((rows * cols * lanes,), "int32")
+                part = T.sblock_alloc_buffer((rows * cols * lanes,), "int32")
+                corr = T.sblock_alloc_buffer((rows * cols,), "int32")
                 for ib in T.serial((n + rows - 1) // rows):
                     for cb in T.serial(NJ // cols):
                         for rc in T.unroll(rows * cols):
@@ -118,20 +118,20 @@ def w4a8_kernel(O: int, K: int, out_dtype: str, isa: str):  # noqa: N803 (the ke
                                 part[T.ramp(rc * lanes, 1, lanes)] = T.broadcast(T.int32(0), lanes)
                             for c in T.unroll(cols):
                                 for ld in T.unroll(loads):
-                                    w = qweight[vjo * NJ + cb * cols + c, T.ramp(g * 16 + ld * lanes, 1, lanes)]
-                                    lo = T.bitwise_and(w, T.broadcast(T.int32(0x0F0F0F0F), lanes))
-                                    hi = T.bitwise_and(T.shift_right(w, T.broadcast(T.int32(4), lanes)),
-                                                       T.broadcast(T.int32(0x0F0F0F0F), lanes))
+                                    w = T.meta_var(qweight[vjo * NJ + cb * cols + c, T.ramp(g * 16 + ld * lanes, 1, lanes)])
+                                    lo = T.meta_var(T.bitwise_and(w, T.broadcast(T.int32(0x0F0F0F0F), lanes)))
+                                    hi = T.meta_var(T.bitwise_and(T.shift_right(w, T.broadcast(T.int32(4), lanes)),
+                                                       T.broadcast(T.int32(0x0F0F0F0F), lanes)))
                                     for r in T.unroll(rows):
-                                        base = g * GROUP + ld * chunk
-                                        xe = T.reinterpret(xp[ib * rows + r, T.ramp(base, 1, 4 * lanes)], dtype=vi32)
-                                        xo = T.reinterpret(xp[ib * rows + r, T.ramp(base + 4 * lanes, 1, 4 * lanes)],
-                                                           dtype=vi32)
+                                        base = T.meta_var(g * GROUP + ld * chunk)
+                                        xe = T.meta_var(T.reinterpret(xp[ib * rows + r, T.ramp(base, 1, 4 * lanes)], dtype=vi32))
+                                        xo = T.meta_var(T.reinterpret(xp[ib * rows + r, T.ramp(base + 4 * lanes, 1, 4 * lanes)],
+                                                           dtype=vi32))
                                         part[T.ramp((r * cols + c) * lanes, 1, lanes)] = dot4(dot4(
                                             part[T.ramp((r * cols + c) * lanes, 1, lanes)], lo, xe), hi, xo)
                             for c in T.unroll(cols):
                                 for r in T.unroll(rows):
-                                    o = vjo * NJ + cb * cols + c
+                                    o = T.meta_var(vjo * NJ + cb * cols + c)
                                     acc[T.ramp((r * cols + c) * lanes, 1, lanes)] = \
                                         acc[T.ramp((r * cols + c) * lanes, 1, lanes)] + \
                                         part[T.ramp((r * cols + c) * lanes, 1, lanes)] * \
@@ -141,10 +141,10 @@ def w4a8_kernel(O: int, K: int, out_dtype: str, isa: str):  # noqa: N803 (the ke
                         for c in T.unroll(cols):
                             for r in T.unroll(rows):
                                 if ib * rows + r < n:
-                                    o = vjo * NJ + cb * cols + c
-                                    total = T.call_llvm_pure_intrin(
+                                    o = T.meta_var(vjo * NJ + cb * cols + c)
+                                    total = T.meta_var(T.call_llvm_pure_intrin(
                                         "int32", T.llvm_lookup_intrinsic_id(f"llvm.vector.reduce.add.v{lanes}i32"),
-                                        acc[T.ramp((r * cols + c) * lanes, 1, lanes)]) - corr[r * cols + c]
+                                        acc[T.ramp((r * cols + c) * lanes, 1, lanes)]) - corr[r * cols + c])
                                     y[ib * rows + r, o] = T.Cast(out_dtype, T.Cast("float32", total) *
                                                                  sx[ib * rows + r] * cscale[o])
 
@@ -168,9 +168,9 @@ def w4a8_kernel(O: int, K: int, out_dtype: str, isa: str):  # noqa: N803 (the ke
                     xsum[vr, g] = 0
                     for c in T.serial(loads):
                         for j in T.serial(4 * lanes):
-                            ev = T.if_then_else(vr < n, x8[T.min(vr, n - 1), g * GROUP + c * chunk + 2 * j], T.int8(0))
-                            od = T.if_then_else(vr < n, x8[T.min(vr, n - 1), g * GROUP + c * chunk + 2 * j + 1],
-                                                T.int8(0))
+                            ev = T.meta_var(T.if_then_else(vr < n, x8[T.min(vr, n - 1), g * GROUP + c * chunk + 2 * j], T.int8(0)))
+                            od = T.meta_var(T.if_then_else(vr < n, x8[T.min(vr, n - 1), g * GROUP + c * chunk + 2 * j + 1],
+                                                T.int8(0)))
                             xp[vr, g * GROUP + c * chunk + j] = ev
                             xp[vr, g * GROUP + c * chunk + 4 * lanes + j] = od
                             xsum[vr, g] = xsum[vr, g] + T.Cast("int32", ev) + T.Cast("int32", od)
