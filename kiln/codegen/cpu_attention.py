@@ -142,13 +142,161 @@ def decode_kernel(h_qo: int, h_kv: int, D: int, page: int, dtype: str, lanes: in
     return batch_decode_paged_kv
 
 
+PREFILL_PARAMS = ["q", "q_indptr", "k", "v", "kv_indptr", "q_rope_position", "k_rope_pos_offset", "output", "lse",
+                  "causal", "rotary_mode", "rope_scale", "rope_theta", "sm_scale"]
+QUERY_BLOCK = 16  # query rows per prefill task
+
+
+def prefill_shape(func: tirx.PrimFunc):
+    """``(q heads, kv heads, head dim, dtype)`` when ``func`` is TVM's CPU ragged prefill attention kernel (its
+    parameters by name, equal q/k/v head dims), else None."""
+    if [getattr(p, "name", None) for p in func.params] != PREFILL_PARAMS:
+        return None
+    body = func.body
+    inner = getattr(getattr(body, "block", None), "body", None)
+    if not (isinstance(inner, tirx.For) and getattr(inner.body, "block", None) is not None
+            and inner.body.block.name_hint == "attn"):
+        return None
+    q, k, v = func.params[0], func.params[2], func.params[3]
+    try:
+        h_qo, d, h_kv, dk, dv = int(q.shape[1]), int(q.shape[2]), int(k.shape[1]), int(k.shape[2]), int(v.shape[2])
+    except TypeError:
+        return None
+    if not (d == dk == dv) or h_qo % h_kv or not (q.dtype == k.dtype == v.dtype):
+        return None
+    return h_qo, h_kv, d, str(q.dtype)
+
+
+def prefill_kernel(h_qo: int, h_kv: int, D: int, dtype: str, lanes: int):  # noqa: N803 (head dim)
+    """TVM's ``batch_prefill_ragged_kv`` (CPU) signature: each sequence's new queries against its new keys
+    (causal or not). One task per (block of ``QUERY_BLOCK`` queries, sequence, KV head), the blocks of a
+    sequence dealt out first-last-second-... so a contiguous split of the tasks over threads gets equal causal
+    work; keys taken ``lanes`` at a time (a block of K transposed once per task, so each query head's scores
+    for the block are one vector of products and no horizontal sums), masked keys skipped past the causal limit
+    and given weight 0 inside it (TVM's kernel gives them exp2(-5e4 * log2(e) * sm_scale - max), which is 0 in
+    float32)."""
+    from tvm.script import tirx as T
+
+    group, kb = h_qo // h_kv, lanes
+    QB = QUERY_BLOCK  # noqa: N806
+    vec = lanes if D % lanes == 0 else 1
+    chunks = D // vec
+    f32v = "float32" if vec == 1 else f"float32x{vec}"
+    dramp = (lambda base: base) if vec == 1 else (lambda base: T.ramp(base, 1, vec))
+    dbcast = (lambda x: x) if vec == 1 else (lambda x: T.broadcast(x, vec))
+    kramp = lambda base: T.ramp(base, 1, kb)  # noqa: E731
+    kbcast = lambda x: T.broadcast(x, kb)  # noqa: E731
+    fmax = lambda v: T.call_llvm_pure_intrin(  # noqa: E731
+        "float32", T.llvm_lookup_intrinsic_id(f"llvm.vector.reduce.fmax.v{kb}f32"), v)
+    fsum = lambda v: T.call_llvm_pure_intrin(  # noqa: E731
+        "float32", T.llvm_lookup_intrinsic_id(f"llvm.vector.reduce.fadd.v{kb}f32"), T.float32(0), v)
+
+    @T.prim_func(s_tir=True)
+    def batch_prefill_ragged_kv(var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle,
+                                var_kv_indptr: T.handle, var_q_rope_position: T.handle,
+                                var_k_rope_pos_offset: T.handle, var_output: T.handle, var_lse: T.handle,
+                                causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32,
+                                sm_scale: T.float32):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        batch_size, qo_len, kv_len = T.int32(), T.int32(), T.int32()
+        q_off, kv_off, qr_off, kr_off = T.int32(), T.int32(), T.int32(), T.int32()
+        q = T.match_buffer(var_q, (qo_len, h_qo, D), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_off)
+        k = T.match_buffer(var_k, (kv_len, h_kv, D), dtype)
+        v = T.match_buffer(var_v, (kv_len, h_kv, D), dtype)
+        kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32", elem_offset=kv_off)
+        q_rope_position = T.match_buffer(var_q_rope_position, (qo_len,), "int32", elem_offset=qr_off)
+        k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=kr_off)
+        output = T.match_buffer(var_output, (qo_len, h_qo, D), dtype)
+        lse = T.match_buffer(var_lse, (qo_len, h_qo), "float32")
+        assert rotary_mode == 0, "kiln's CPU prefill attention takes RoPE applied at append (RopeMode.NORMAL)"
+        nqb = T.meta_var((qo_len + QB - 1) // QB)
+        for task in T.parallel(nqb * batch_size * h_kv):
+            with T.sblock("attn"):
+                vt = T.axis.spatial(nqb * batch_size * h_kv, task)
+                T.reads(q[0:qo_len, 0:h_qo, 0:D], k[0:kv_len, 0:h_kv, 0:D], v[0:kv_len, 0:h_kv, 0:D],
+                        q_indptr[0:batch_size + 1], kv_indptr[0:batch_size + 1])
+                T.writes(output[0:qo_len, 0:h_qo, 0:D], lse[0:qo_len, 0:h_qo])
+                qs = T.sblock_alloc_buffer((QB * group * D,), "float32")
+                acc = T.sblock_alloc_buffer((QB * group * D,), "float32")
+                kt = T.sblock_alloc_buffer((D * kb,), "float32")
+                m = T.sblock_alloc_buffer((QB * group,), "float32")
+                den = T.sblock_alloc_buffer((QB * group,), "float32")
+                sc = T.sblock_alloc_buffer((kb,), "float32")
+                mx = T.sblock_alloc_buffer((1,), "float32")
+                seq = T.meta_var(vt // nqb // h_kv)
+                hk = T.meta_var(vt // nqb % h_kv)
+                # the sequence's query blocks in the order 0, last, 1, last - 1, ...
+                nb = T.meta_var((q_indptr[vt // nqb // h_kv + 1] - q_indptr[vt // nqb // h_kv] + QB - 1) // QB)
+                rank = T.meta_var(vt % nqb)
+                qb = T.meta_var(T.if_then_else(rank % 2 == 0, rank // 2, nb - 1 - rank // 2))
+                qlen = T.meta_var(q_indptr[vt // nqb // h_kv + 1] - q_indptr[vt // nqb // h_kv])
+                klen = T.meta_var(kv_indptr[vt // nqb // h_kv + 1] - kv_indptr[vt // nqb // h_kv])
+                if rank < nb:
+                    nq = T.meta_var(T.min(QB, qlen - qb * QB))
+                    # keys any query of the block sees: all of them, or up to the last query's causal limit
+                    kmax = T.meta_var(T.if_then_else(causal > 0, T.min(klen, klen - qlen + qb * QB + nq), klen))
+                    for r in T.serial(nq * group):
+                        m[r] = T.float32(-5e4)
+                        den[r] = T.float32(1)
+                        for d in T.serial(D):
+                            qs[r * D + d] = T.Cast("float32", q[q_indptr[seq] + qb * QB + r // group,
+                                                                hk * group + r % group, d]) * sm_scale * T.float32(LOG2E)
+                            acc[r * D + d] = T.float32(0)
+                    for blk in T.serial((kmax + kb - 1) // kb):
+                        for j in T.serial(kb):
+                            for d in T.serial(D):
+                                kt[d * kb + j] = T.if_then_else(
+                                    blk * kb + j < kmax,
+                                    T.Cast("float32", k[kv_indptr[seq] + T.min(blk * kb + j, kmax - 1), hk, d]),
+                                    T.float32(0))
+                        for r in T.serial(nq * group):
+                            sc[kramp(0)] = kbcast(T.float32(0))
+                            for d in T.serial(D):
+                                sc[kramp(0)] = sc[kramp(0)] + kbcast(qs[r * D + d]) * kt[kramp(d * kb)]
+                            for j in T.serial(kb):  # keys past the end or the causal limit weigh 0
+                                sc[j] = T.if_then_else(
+                                    blk * kb + j < T.if_then_else(causal > 0, klen - qlen + qb * QB + r // group + 1,
+                                                                  klen),
+                                    sc[j], T.float32(-3.0e38))
+                            mx[0] = T.max(m[r], fmax(sc[kramp(0)]))
+                            den[r] = den[r] * T.exp2(m[r] - mx[0])
+                            for c in T.serial(chunks):
+                                acc[dramp(r * D + c * vec)] = acc[dramp(r * D + c * vec)] * dbcast(T.exp2(m[r] - mx[0]))
+                            m[r] = mx[0]
+                            sc[kramp(0)] = T.exp2(sc[kramp(0)] - kbcast(mx[0]))
+                            den[r] = den[r] + fsum(sc[kramp(0)])
+                            for j in T.serial(T.min(kb, kmax - blk * kb)):
+                                for c in T.serial(chunks):
+                                    acc[dramp(r * D + c * vec)] = acc[dramp(r * D + c * vec)] + dbcast(sc[j]) * \
+                                        T.Cast(f32v, v[kv_indptr[seq] + blk * kb + j, hk, dramp(c * vec)])
+                    for r in T.serial(nq * group):
+                        for d in T.serial(D):
+                            output[q_indptr[seq] + qb * QB + r // group, hk * group + r % group, d] = \
+                                T.Cast(dtype, acc[r * D + d] / den[r])
+                        lse[q_indptr[seq] + qb * QB + r // group, hk * group + r % group] = m[r] + T.log2(den[r])
+
+    return batch_prefill_ragged_kv
+
+
+def schedule_prefill_attention(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:
+    """kiln's kernel in place of TVM's CPU ragged prefill attention (``prefill_shape``), else None."""
+    shape = prefill_shape(func)
+    if shape is None or lanes < 4:
+        return None
+    return _keep_attrs(prefill_kernel(*shape, lanes), func)
+
+
+def _keep_attrs(new, old):
+    for key, value in (old.attrs or {}).items():
+        if key not in new.attrs:
+            new = new.with_attr(key, value)
+    return new
+
+
 def schedule_decode_attention(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:
     """kiln's kernel in place of TVM's CPU decode attention (``decode_shape``), else None."""
     shape = decode_shape(func)
     if shape is None:
         return None
-    new = decode_kernel(*shape, lanes)
-    for key, value in (func.attrs or {}).items():
-        if key not in new.attrs:
-            new = new.with_attr(key, value)
-    return new
+    return _keep_attrs(decode_kernel(*shape, lanes), func)

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 from ..ir.quant_kernels import WEIGHT_STAGES
 from ..ir.tvm import tirx, tvm
-from .cpu_attention import schedule_decode_attention
+from .cpu_attention import schedule_decode_attention, schedule_prefill_attention
 from .cpu_int8 import schedule_w4a8
 from .cuda_gemv import row_var
 
@@ -401,8 +401,9 @@ def ScheduleCPUMatmul(mod, _ctx):  # noqa: N802 (a pass, named like TVM's)
     lanes = vector_lanes(target)
     updated = {}
     for gv, func in mod.functions_items():
-        if isinstance(func, tirx.PrimFunc) and (new := schedule_decode_attention(func, lanes)) is not None:
-            updated[gv] = new  # TVM's own kernel, marked scheduled: kiln's replaces it
+        if isinstance(func, tirx.PrimFunc) and (new := schedule_decode_attention(func, lanes)
+                                                or schedule_prefill_attention(func, lanes)) is not None:
+            updated[gv] = new  # TVM's own attention kernel, marked scheduled: kiln's replaces it
         elif isinstance(func, tirx.PrimFunc) and not (func.attrs or {}).get("tirx.is_scheduled", False):
             new = schedule_w4a8(func, target) or schedule_func(func, lanes)
             if new is not None:
