@@ -30,6 +30,36 @@ from ..ir.tvm import tirx
 
 SYMBOL = "batch_decode_paged_kv_cpu"
 LOG2E = math.log2(math.e)
+MASKED = -3.0e38  # the score of a key a query does not see: its weight is exactly 0
+
+
+def _exp2_coefficients(degree: int = 5):
+    """A least-squares polynomial for 2^f on [0, 1) (Chebyshev nodes): relative error 1.0e-7, float32's own."""
+    import numpy as np
+
+    f = np.cos(np.pi * (np.arange(200) + 0.5) / 200) * 0.5 + 0.5
+    return [float(c) for c in np.polyfit(f, np.exp2(f), degree)]
+
+
+EXP2_POLY = _exp2_coefficients()
+
+
+def vector_exp2(x, lanes: int):
+    """``2^x`` for a float32 vector, inline (LLVM turns ``exp2`` of a vector into one libm call per lane):
+    ``2^floor(x)`` built in the exponent bits times a polynomial of the fraction; exactly 0 below -126 (masked
+    scores are -3e38)."""
+    from tvm.script import tirx as T
+
+    f32, i32 = f"float32x{lanes}", f"int32x{lanes}"
+    xc = T.max(x, T.broadcast(T.float32(-127), lanes))
+    whole = T.floor(xc)
+    frac = xc - whole
+    poly = T.broadcast(T.float32(EXP2_POLY[0]), lanes)
+    for c in EXP2_POLY[1:]:
+        poly = poly * frac + T.broadcast(T.float32(c), lanes)
+    scale = T.reinterpret(T.shift_left(T.Cast(i32, whole) + T.broadcast(T.int32(127), lanes),
+                                       T.broadcast(T.int32(23), lanes)), dtype=f32)
+    return T.Select(x < T.broadcast(T.float32(-126), lanes), T.broadcast(T.float32(0), lanes), poly * scale)
 
 
 def decode_shape(func: tirx.PrimFunc):
@@ -62,8 +92,12 @@ def decode_kernel(h_qo: int, h_kv: int, D: int, page: int, dtype: str, lanes: in
     f32v = "float32" if vec == 1 else f"float32x{vec}"
     ramp = (lambda base: base) if vec == 1 else (lambda base: T.ramp(base, 1, vec))
     bcast = (lambda x: x) if vec == 1 else (lambda x: T.broadcast(x, vec))
-    hsum = (lambda v: v) if vec == 1 else (lambda v: T.call_llvm_pure_intrin(
-        "float32", T.llvm_lookup_intrinsic_id(f"llvm.vector.reduce.fadd.v{vec}f32"), T.float32(0), v))
+    kpage = lambda base: T.ramp(base, 1, page)  # noqa: E731 (a page of scores)
+    kfill = lambda x: T.broadcast(x, page)  # noqa: E731
+    kmax = lambda v: T.call_llvm_pure_intrin(  # noqa: E731
+        "float32", T.llvm_lookup_intrinsic_id(f"llvm.vector.reduce.fmax.v{page}f32"), v)
+    ksum = lambda v: T.call_llvm_pure_intrin(  # noqa: E731
+        "float32", T.llvm_lookup_intrinsic_id(f"llvm.vector.reduce.fadd.v{page}f32"), T.float32(0), v)
 
     @T.prim_func(s_tir=True)
     def batch_decode_paged_kv(Q_handle: T.handle, pages_handle: T.handle, page_table_indptr_handle: T.handle,  # noqa: N803
@@ -96,7 +130,8 @@ def decode_kernel(h_qo: int, h_kv: int, D: int, page: int, dtype: str, lanes: in
                 score = T.sblock_alloc_buffer((group * page,), "float32")
                 m = T.sblock_alloc_buffer((group,), "float32")
                 den = T.sblock_alloc_buffer((group,), "float32")
-                dots = T.sblock_alloc_buffer((vec,), "float32")
+                dots = T.sblock_alloc_buffer((1,), "float32")
+                kt = T.sblock_alloc_buffer((D * page,), "float32")
                 b = T.meta_var(vt // h_kv)
                 hk = T.meta_var(vt % h_kv)
                 first = T.meta_var(page_table_indptr[vt // h_kv])
@@ -111,24 +146,25 @@ def decode_kernel(h_qo: int, h_kv: int, D: int, page: int, dtype: str, lanes: in
                     # keys in this page: every page is full but the last, which holds length_info[b]
                     n = T.meta_var(T.if_then_else(p == npages - 1, length_info[b], page))
                     blk = T.meta_var(page_table_values[first + p])
+                    for j in T.serial(page):  # the page's keys transposed: one vector of scores per query head
+                        for d in T.serial(D):
+                            kt[d * page + j] = T.if_then_else(j < n, T.Cast("float32", pages[blk, 0, hk, T.min(j, n - 1), d]),
+                                                              T.float32(0))
+                    for g in T.unroll(group):
+                        score[kpage(g * page)] = kfill(T.float32(0))
+                    for d in T.serial(D):
+                        for g in T.unroll(group):
+                            score[kpage(g * page)] = score[kpage(g * page)] + kfill(q[g * D + d]) * kt[kpage(d * page)]
                     for g in T.serial(group):
-                        for j in T.serial(n):
-                            dots[ramp(0)] = bcast(T.float32(0))
-                            for c in T.serial(chunks):
-                                dots[ramp(0)] = dots[ramp(0)] + q[ramp(g * D + c * vec)] * \
-                                    T.Cast(f32v, pages[blk, 0, hk, j, ramp(c * vec)])
-                            score[g * page + j] = hsum(dots[ramp(0)])
-                    for g in T.serial(group):
-                        dots[0] = m[g]
-                        for j in T.serial(n):
-                            dots[0] = T.max(dots[0], score[g * page + j])
+                        score[kpage(g * page)] = T.Select(T.ramp(0, 1, page) < kfill(n), score[kpage(g * page)],
+                                                          kfill(T.float32(MASKED)))
+                        dots[0] = T.max(m[g], kmax(score[kpage(g * page)]))
                         den[g] = den[g] * T.exp2(m[g] - dots[0])
                         for c in T.serial(chunks):
                             acc[ramp(g * D + c * vec)] = acc[ramp(g * D + c * vec)] * bcast(T.exp2(m[g] - dots[0]))
                         m[g] = dots[0]
-                        for j in T.serial(n):
-                            score[g * page + j] = T.exp2(score[g * page + j] - m[g])
-                            den[g] = den[g] + score[g * page + j]
+                        score[kpage(g * page)] = vector_exp2(score[kpage(g * page)] - kfill(m[g]), page)
+                        den[g] = den[g] + ksum(score[kpage(g * page)])
                     for j in T.serial(n):
                         for g in T.serial(group):
                             for c in T.serial(chunks):
@@ -145,6 +181,7 @@ def decode_kernel(h_qo: int, h_kv: int, D: int, page: int, dtype: str, lanes: in
 PREFILL_PARAMS = ["q", "q_indptr", "k", "v", "kv_indptr", "q_rope_position", "k_rope_pos_offset", "output", "lse",
                   "causal", "rotary_mode", "rope_scale", "rope_theta", "sm_scale"]
 QUERY_BLOCK = 16  # query rows per prefill task
+ROW_BLOCK = 8  # (query, head) rows whose scores are computed together, each a vector of keys
 
 
 def prefill_shape(func: tirx.PrimFunc):
@@ -178,7 +215,8 @@ def prefill_kernel(h_qo: int, h_kv: int, D: int, dtype: str, lanes: int):  # noq
     from tvm.script import tirx as T
 
     group, kb = h_qo // h_kv, lanes
-    QB = QUERY_BLOCK  # noqa: N806
+    QB, RB = QUERY_BLOCK, ROW_BLOCK  # noqa: N806
+    rows = (QB * group + RB - 1) // RB * RB  # a task's query rows (query x head), padded to the row block
     vec = lanes if D % lanes == 0 else 1
     chunks = D // vec
     f32v = "float32" if vec == 1 else f"float32x{vec}"
@@ -217,12 +255,12 @@ def prefill_kernel(h_qo: int, h_kv: int, D: int, dtype: str, lanes: int):  # noq
                 T.reads(q[0:qo_len, 0:h_qo, 0:D], k[0:kv_len, 0:h_kv, 0:D], v[0:kv_len, 0:h_kv, 0:D],
                         q_indptr[0:batch_size + 1], kv_indptr[0:batch_size + 1])
                 T.writes(output[0:qo_len, 0:h_qo, 0:D], lse[0:qo_len, 0:h_qo])
-                qs = T.sblock_alloc_buffer((QB * group * D,), "float32")
-                acc = T.sblock_alloc_buffer((QB * group * D,), "float32")
+                qs = T.sblock_alloc_buffer((rows * D,), "float32")
+                acc = T.sblock_alloc_buffer((rows * D,), "float32")
                 kt = T.sblock_alloc_buffer((D * kb,), "float32")
-                m = T.sblock_alloc_buffer((QB * group,), "float32")
-                den = T.sblock_alloc_buffer((QB * group,), "float32")
-                sc = T.sblock_alloc_buffer((kb,), "float32")
+                m = T.sblock_alloc_buffer((rows,), "float32")
+                den = T.sblock_alloc_buffer((rows,), "float32")
+                sc = T.sblock_alloc_buffer((RB * kb,), "float32")
                 mx = T.sblock_alloc_buffer((1,), "float32")
                 seq = T.meta_var(vt // nqb // h_kv)
                 hk = T.meta_var(vt // nqb % h_kv)
@@ -236,12 +274,13 @@ def prefill_kernel(h_qo: int, h_kv: int, D: int, dtype: str, lanes: int):  # noq
                     nq = T.meta_var(T.min(QB, qlen - qb * QB))
                     # keys any query of the block sees: all of them, or up to the last query's causal limit
                     kmax = T.meta_var(T.if_then_else(causal > 0, T.min(klen, klen - qlen + qb * QB + nq), klen))
-                    for r in T.serial(nq * group):
+                    for r in T.serial((nq * group + RB - 1) // RB * RB):  # rows past nq * group: zeros
                         m[r] = T.float32(-5e4)
                         den[r] = T.float32(1)
                         for d in T.serial(D):
-                            qs[r * D + d] = T.Cast("float32", q[q_indptr[seq] + qb * QB + r // group,
-                                                                hk * group + r % group, d]) * sm_scale * T.float32(LOG2E)
+                            qs[r * D + d] = T.if_then_else(r < nq * group, T.Cast("float32", q[
+                                q_indptr[seq] + qb * QB + T.min(r, nq * group - 1) // group,
+                                hk * group + r % group, d]), T.float32(0)) * sm_scale * T.float32(LOG2E)
                             acc[r * D + d] = T.float32(0)
                     for blk in T.serial((kmax + kb - 1) // kb):
                         for j in T.serial(kb):
@@ -250,26 +289,33 @@ def prefill_kernel(h_qo: int, h_kv: int, D: int, dtype: str, lanes: int):  # noq
                                     blk * kb + j < kmax,
                                     T.Cast("float32", k[kv_indptr[seq] + T.min(blk * kb + j, kmax - 1), hk, d]),
                                     T.float32(0))
-                        for r in T.serial(nq * group):
-                            sc[kramp(0)] = kbcast(T.float32(0))
+                        for rb in T.serial((nq * group + RB - 1) // RB):
+                            for rr in T.unroll(RB):  # RB rows' scores: RB independent chains of products
+                                sc[kramp(rr * kb)] = kbcast(T.float32(0))
                             for d in T.serial(D):
-                                sc[kramp(0)] = sc[kramp(0)] + kbcast(qs[r * D + d]) * kt[kramp(d * kb)]
-                            for j in T.serial(kb):  # keys past the end or the causal limit weigh 0
-                                sc[j] = T.if_then_else(
-                                    blk * kb + j < T.if_then_else(causal > 0, klen - qlen + qb * QB + r // group + 1,
-                                                                  klen),
-                                    sc[j], T.float32(-3.0e38))
-                            mx[0] = T.max(m[r], fmax(sc[kramp(0)]))
-                            den[r] = den[r] * T.exp2(m[r] - mx[0])
-                            for c in T.serial(chunks):
-                                acc[dramp(r * D + c * vec)] = acc[dramp(r * D + c * vec)] * dbcast(T.exp2(m[r] - mx[0]))
-                            m[r] = mx[0]
-                            sc[kramp(0)] = T.exp2(sc[kramp(0)] - kbcast(mx[0]))
-                            den[r] = den[r] + fsum(sc[kramp(0)])
-                            for j in T.serial(T.min(kb, kmax - blk * kb)):
+                                for rr in T.unroll(RB):
+                                    sc[kramp(rr * kb)] = sc[kramp(rr * kb)] + kbcast(qs[(rb * RB + rr) * D + d]) * \
+                                        kt[kramp(d * kb)]
+                            for rr in T.serial(T.min(RB, nq * group - rb * RB)):
+                                # keys past the end or the causal limit weigh 0
+                                sc[kramp(rr * kb)] = T.Select(
+                                    T.ramp(blk * kb, 1, kb) < kbcast(T.if_then_else(
+                                        causal > 0, T.min(klen, klen - qlen + qb * QB + (rb * RB + rr) // group + 1),
+                                        klen)),
+                                    sc[kramp(rr * kb)], kbcast(T.float32(MASKED)))
+                                mx[0] = T.max(m[rb * RB + rr], fmax(sc[kramp(rr * kb)]))
+                                den[rb * RB + rr] = den[rb * RB + rr] * T.exp2(m[rb * RB + rr] - mx[0])
                                 for c in T.serial(chunks):
-                                    acc[dramp(r * D + c * vec)] = acc[dramp(r * D + c * vec)] + dbcast(sc[j]) * \
-                                        T.Cast(f32v, v[kv_indptr[seq] + blk * kb + j, hk, dramp(c * vec)])
+                                    acc[dramp((rb * RB + rr) * D + c * vec)] = acc[dramp((rb * RB + rr) * D + c * vec)] \
+                                        * dbcast(T.exp2(m[rb * RB + rr] - mx[0]))
+                                m[rb * RB + rr] = mx[0]
+                                sc[kramp(rr * kb)] = vector_exp2(sc[kramp(rr * kb)] - kbcast(mx[0]), kb)
+                                den[rb * RB + rr] = den[rb * RB + rr] + fsum(sc[kramp(rr * kb)])
+                                for j in T.serial(T.min(kb, kmax - blk * kb)):
+                                    for c in T.serial(chunks):
+                                        acc[dramp((rb * RB + rr) * D + c * vec)] = \
+                                            acc[dramp((rb * RB + rr) * D + c * vec)] + dbcast(sc[rr * kb + j]) * \
+                                            T.Cast(f32v, v[kv_indptr[seq] + blk * kb + j, hk, dramp(c * vec)])
                     for r in T.serial(nq * group):
                         for d in T.serial(D):
                             output[q_indptr[seq] + qb * QB + r // group, hk * group + r % group, d] = \
