@@ -1,4 +1,4 @@
-"""The decode attention kernel of the paged KV cache on the CPU, scheduled.
+"""The attention kernels of the paged KV cache on the CPU (decode, and prefill of new tokens), scheduled.
 
 TVM's paged KV cache brings its own CPU kernel for decode attention (``batch_decode_paged_kv_cpu``: one query
 token per sequence against that sequence's pages). It runs on one thread, one query head and one key at a time,
@@ -9,17 +9,25 @@ same outputs: the attention output and its log2-sum-exp ``lse``) a kernel that
 * runs one task per (sequence, KV head) in parallel;
 * keeps the query heads that share a KV head (GQA) together, so each key and value row is read once for all of
   them;
-* takes a page of keys at a time: the page's scores for every query head, one max and one rescale of the
-  output per page (online softmax), then the weighted values;
-* multiplies in vectors of the target's float32 width along the head dimension.
+* takes a page of keys at a time: the page's K transposed once (``[D, page]``), so each query head's scores for
+  the page are one vector, built from one broadcast-multiply-add per head dimension, every head of the group an
+  independent chain; one max and one rescale of the output per page (online softmax), ``exp2`` as an inline
+  vector polynomial (``vector_exp2``; LLVM would call libm once per lane), then the weighted values in vectors
+  of the target's float32 width along the head dimension.
+
+TVM's ragged prefill kernel (``batch_prefill_ragged_kv``: each sequence's new queries against its new keys) is
+as serial, and computes every key of every query, masked or not. ``prefill_kernel`` replaces it the same way:
+tasks over (block of queries, sequence, KV head), 8 (query, head) rows scored together against a transposed
+block of keys, and no work past a block's causal limit.
 
 The scores are in log2 units (``q . k * sm_scale * log2(e)``) and the running max starts at -5e4 with a
 denominator of 1, as TVM's kernel does, so an empty sequence gives the same zeros and ``lse`` (-5e4).
 
-Invariant: on every input with ``rotary_mode == 0`` the replacement writes what TVM's kernel writes, up to the
-order of float32 sums. kiln creates its caches with ``RopeMode.NORMAL`` (RoPE applied when K is appended, never
-inside attention), so ``rotary_mode`` is always 0; the kernel refuses any other value with an error, rather than
-compute something else. The sliding-window variant and the prefill kernels stay TVM's.
+Invariant: on every input with ``rotary_mode == 0`` each replacement writes what TVM's kernel writes, up to the
+order of float32 sums and ``exp2``'s last bit (the polynomial is within 1e-7 of it). kiln creates its caches
+with ``RopeMode.NORMAL`` (RoPE applied when K is appended, never inside attention), so ``rotary_mode`` is always
+0; the kernels refuse any other value with an error, rather than compute something else. The sliding-window variants and the paged prefill kernel (queries against cached pages)
+stay TVM's.
 """
 
 from __future__ import annotations

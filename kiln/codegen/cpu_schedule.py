@@ -34,7 +34,7 @@ activations on those instructions; otherwise it is scheduled below like the othe
 The quantized linears of kiln/ir/quant_kernels.py (``dequant_matmul``, ``int_matmul``: the weight is
 dequantized inside the sum) get the same tiling and a branch on the row count: one row unpacks the
 weight inline in the sum, more rows take the register-blocked schedule below with the weight stage computed
-once per tile of 4 output channels, on the task's stack, for every row (never the whole weight). The plain form's whole-weight ``dequantize_*`` kernels
+once per tile of 4 output channels, in a buffer of the task's own, for every row (never the whole weight). The plain form's whole-weight ``dequantize_*`` kernels
 (``--no-fuse``) run their rows in parallel. Anything else (attention kernels, norms, RoPE,
 KV-cache copies, or a matmul in a shape the rule does not expect) passes through untouched: the rule matches the matmul block structurally and gives up on
 the whole function (keeping the original) if any schedule step is refused.
@@ -198,7 +198,7 @@ def _schedule(func: tirx.PrimFunc, lanes: int, tiled_weight: bool = False) -> ti
     sch.unroll(ji)  # nj independent accumulators share each load of A
     sch.parallel(jo)
     if weight_stage is not None:
-        # each task dequantizes its tile of output channels once (nj x k, on its stack), then every row
+        # each task dequantizes its tile of output channels once (nj x k, its own buffer), then every row
         # of x reads it
         sch.compute_at(weight_stage, jo)
         sch.set_scope(weight_stage, 0, "local")
@@ -244,7 +244,8 @@ def _schedule_rows(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:
     columns, each a vector of partial sums over k (``lanes`` wide), so each vector of W loaded serves every
     row of the block and each vector of x every column; the partial sums are added across lanes at the end.
     A fused quantized linear's weight stage is computed per task, its tile of ``nr`` output channels
-    dequantized once (on the task's stack) for every row."""
+    dequantized once (in the task's own buffer: TVM 0.27 takes any 'local' buffer, or one of 1 KB or more, from
+    its workspace pool, once per task) for every row."""
     mr, nr = ROW_BLOCK
     padded = _padded_linear(func, mr)
     if padded is None:
