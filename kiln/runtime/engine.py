@@ -28,6 +28,7 @@ from .kv_cache import KVCacheConfig
 from .outputs import CompletionOutput, EngineStats, Request, RequestOutput
 from .sampler import Sampler, SamplingParams, SamplingRow, choice_generator, take_rows
 from .tokenizer import Tokenizer
+from .tvm_runtime import require_cuda
 
 log = logging.getLogger("kiln.engine")
 
@@ -59,6 +60,7 @@ def _available_memory(device: str) -> int:
     if device == "cuda":
         import torch
 
+        require_cuda()
         return torch.cuda.mem_get_info()[0]
     try:
         for line in open("/proc/meminfo"):

@@ -35,10 +35,22 @@ def _find(name: str) -> Path:
 
 
 @cache
+def require_cuda() -> None:
+    """A CUDA artifact runs where torch sees a CUDA GPU (the runner hands its tensors to the VM through torch);
+    elsewhere one line says so, instead of a driver error from deep inside torch or TVM."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ArtifactError("this artifact was compiled for a CUDA GPU and torch sees none on this machine "
+                            "(torch.cuda.is_available() is False); compile the model with --target cpu to run it here")
+
+
 def load_runtime(device: str = "cpu"):
     """Load the TVM runtime for ``device`` once per process; return the ``tvm_ffi`` module."""
     import tvm_ffi
 
+    if device == "cuda":
+        require_cuda()
     ctypes.CDLL(str(_find("libtvm_runtime.so")), mode=ctypes.RTLD_GLOBAL)
     if device == "cuda":
         try:

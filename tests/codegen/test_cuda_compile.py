@@ -299,3 +299,25 @@ def test_tvm_target_carries_the_arch(arch):
     assert int(t.attrs["max_shared_memory_per_block"]) == CUDA_ARCHS[arch].max_shared_memory_per_block
     assert t.host is not None and t.host.kind.name == "llvm"
     assert resolve_target("cpu").tvm_target().kind.name == "llvm"
+
+
+@needs_nvcc
+@pytest.mark.cuda_compile
+@pytest.mark.parametrize("command", [["bench", "--mode", "latency", "--batch-sizes", "1", "--input-len", "4",
+                                      "--output-len", "2"],
+                                     ["serve", "--port", "0"], ["chat"], ["generate", "--prompt", "hi"]],
+                         ids=lambda c: c[0])
+def test_a_cuda_artifact_on_a_machine_without_a_gpu_is_one_line(cuda_artifact, command):
+    """``kiln serve``, ``chat``, ``bench`` and ``generate`` on a CUDA artifact where torch sees no GPU: one
+    ``error:`` line and exit 1, not a driver traceback from inside torch (kiln/runtime/tvm_runtime.py
+    ``require_cuda``). On a machine with a GPU the artifact would run, so there is nothing to check."""
+    import torch
+
+    from test_cli import assert_user_error
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: the artifact runs here")
+    proc = subprocess.run([sys.executable, "-m", "kiln.cli", command[0], str(cuda_artifact[2]), *command[1:]],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1
+    assert_user_error(proc, "compiled for a CUDA GPU", "--target cpu")

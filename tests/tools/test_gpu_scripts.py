@@ -272,3 +272,24 @@ def test_run_all_on_a_cpu_smoke_bundle(tmp_path):
     for f in files:
         rel = f.relative_to(out)
         assert len(rel.parts) <= 3 and all(re.fullmatch(r"[A-Za-z0-9._-]+", s) for s in rel.parts), rel
+
+
+def test_a_bundle_from_other_sources_is_refused(tmp_path):
+    """run_all.sh compares the bundle's recorded kiln sources with the checkout's and stops, in one line, before
+    running anything; KILN_GPU_ALLOW_STALE=1 lets it through (here it then runs no part: no part named)."""
+    here = load_tool("source_hash").source_hash(ROOT)
+    assert len(here) == 16
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "bundle.json").write_text(json.dumps({"kiln_sources": "0123456789abcdef"}))
+    env = {**os.environ, "PYTHON": sys.executable, "KILN_GPU_BUNDLE": str(bundle), "OUT": str(tmp_path / "out"),
+           "KILN_GPU_DEVICE": "cpu"}
+    proc = subprocess.run(["bash", str(GPU / "run_all.sh"), "nvidia-smi"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"stale bundle: built from kiln sources 0123456789abcdef, this checkout's are "
+                                   f"{here}; rebuild it with tools/gpu/build_bundle.sh (or set KILN_GPU_ALLOW_STALE=1)")
+    (bundle / "bundle.json").write_text(json.dumps({"kiln_sources": here}))
+    ok = subprocess.run(["bash", str(GPU / "run_all.sh"), "no-such-part"], env=env, capture_output=True, text=True,
+                        timeout=120)
+    assert "stale bundle" not in ok.stderr and "unknown part no-such-part" in ok.stderr

@@ -18,7 +18,8 @@
 #   gemm/gemm_sm_90.so           kiln's tensor-core GEMM alone (tools/gpu/gemm.py build)
 #   gemm/lowbatch_sm_90.so,.json the Llama-3-8B linears at small m: MMA, each low-batch GEMV bucket, kiln's dispatch
 #   demo_cpu_greedy.json         the demo model's greedy tokens on this CPU (tools/gpu/demo_check.py record)
-#   bundle.json                  what was built, from which commit, with which versions, how big
+#   bundle.json                  what was built, from which commit and kiln sources (tools/gpu/source_hash.py:
+#                                run_all.sh refuses the bundle in a checkout whose sources differ), versions, sizes
 #
 # and packs it into gpu_bundle.tar.xz beside it (about 40% of its size): carry that file to the GPU
 # machine (run's carry: ["gpu_bundle.tar.xz"]); run_all.sh unpacks it there with Python's tarfile.
@@ -166,7 +167,7 @@ fi
 
 # -- 4. the record, the packed bundle and its size ---------------------------------------------------------
 COMPILE_SECONDS=$(for k in "${!SECONDS_OF[@]}"; do echo "$k=${SECONDS_OF[$k]}"; done)
-"$PY" - "$BUNDLE" "$SMOKE" "$COMPILE_SECONDS" <<'EOF'
+"$PY" - "$BUNDLE" "$SMOKE" "$COMPILE_SECONDS" "$("$PY" tools/gpu/source_hash.py "$ROOT")" <<'EOF'
 import json, subprocess, sys, time
 from pathlib import Path
 bundle, smoke, seconds = Path(sys.argv[1]), sys.argv[2] == "1", sys.argv[3]
@@ -178,6 +179,7 @@ head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=Tr
 dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip())
 from importlib.metadata import version
 record = {"built": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "smoke": smoke, "git_head": head, "git_dirty": dirty,
+          "kiln_sources": sys.argv[4],
           "python_for": "cp312", "tvm": version("apache-tvm"), "tvm_ffi": version("apache-tvm-ffi"),
           "compile_seconds": dict(kv.split("=") for kv in seconds.split()), "bytes": parts, "total_bytes": size(bundle)}
 for name in ("llama-3.2-1b", "llama-3-8b", "demo"):

@@ -26,7 +26,8 @@
 #
 # Environment: OUT (results folder; default out/gpu), KILN_GPU_BUNDLE (the bundle: a folder, or its .tar.xz,
 # unpacked into a scratch folder; default gpu_bundle.tar.xz if present, else gpu_bundle/),
-# KILN_GPU_DEVICE (cuda; cpu for a smoke test with a bundle from `build_bundle.sh --smoke`),
+# KILN_GPU_DEVICE (cuda; cpu for a smoke test with a bundle from `build_bundle.sh --smoke`), KILN_GPU_ALLOW_STALE=1
+# (run a bundle built from other kiln sources than this checkout's; refused otherwise),
 # KILN_GPU_SMALL=1 (tiny sizes everywhere, for that smoke test), PYTHON (default python3).
 set -uo pipefail
 
@@ -51,6 +52,13 @@ if [ -f "$SRC" ]; then  # (Python's tarfile: the GPU machine may have no xz)
 fi
 BUNDLE=$(cd "$SRC" 2>/dev/null && pwd) && [ -e "$BUNDLE/bundle.json" ] \
     || { echo "no bundle at $SRC: run tools/gpu/build_bundle.sh first" >&2; exit 2; }
+# A bundle from other kiln sources holds artifacts another kiln compiled: refuse it (KILN_GPU_ALLOW_STALE=1 runs it).
+BUILT_FROM=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1])).get("kiln_sources", "unrecorded"))' "$BUNDLE/bundle.json")
+SOURCES=$("$PY" tools/gpu/source_hash.py "$ROOT")
+if [ "$BUILT_FROM" != "$SOURCES" ] && [ "${KILN_GPU_ALLOW_STALE:-0}" != 1 ]; then
+    echo "stale bundle: built from kiln sources $BUILT_FROM, this checkout's are $SOURCES; rebuild it with tools/gpu/build_bundle.sh (or set KILN_GPU_ALLOW_STALE=1)" >&2
+    exit 2
+fi
 
 # The bundle's tvm_ffi and TVM runtime libraries; kiln itself from this checkout.
 export PYTHONPATH="$BUNDLE/py:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
