@@ -293,3 +293,31 @@ def test_a_bundle_from_other_sources_is_refused(tmp_path):
     ok = subprocess.run(["bash", str(GPU / "run_all.sh"), "no-such-part"], env=env, capture_output=True, text=True,
                         timeout=120)
     assert "stale bundle" not in ok.stderr and "unknown part no-such-part" in ok.stderr
+
+
+def test_bytes_per_token_gather_one_row_of_an_untied_embedding(tmp_path):
+    """A decode step reads every weight whole but an untied embedding table, of which each token gathers one row;
+    a tied table is read whole by the lm_head."""
+    collect = load_tool("collect")
+    untied, tied = tmp_path / "untied", tmp_path / "tied"
+    for art, head in ((untied, {"lm_head": [[32000, 64], "float16"]}), (tied, {})):
+        art.mkdir()
+        (art / "manifest.json").write_text(json.dumps({"param_shapes": {
+            "embed_tokens": [[32000, 64], "float16"], "layers.0.qkv_proj": [[192, 64], "float16"], **head}}))
+    assert collect.weight_bytes(untied) == 2 * (64 + 192 * 64 + 32000 * 64)
+    assert collect.weight_bytes(tied) == 2 * (32000 * 64 + 192 * 64)
+
+
+def test_a_part_with_errors_in_its_result_does_not_count_as_run():
+    """--merge keeps a part from the call where it ran well: exit 0 in time and no error in its result."""
+    collect = load_tool("collect")
+    ok = {"status": {"rc": 0}, "result": {"copy": {}, "errors": {}}}
+    assert collect._ran(ok)
+    assert not collect._ran({"status": {"rc": 0}, "result": {"errors": {"copy": "Traceback"}}})
+    assert not collect._ran({"status": {"rc": 0}, "result": {"error": "Traceback"}})
+    assert not collect._ran({"status": {"rc": 1}, "result": {}})
+    assert not collect._ran({"status": {"rc": 0, "timed_out": True}, "result": {}})
+    assert not collect._ran({"status": {"skipped": "out of time"}})
+    merged = collect.merge([{"parts": {"peaks": ok}}, {"parts": {"peaks": {"status": {"rc": 0}, "result": {
+        "errors": {"copy": "boom"}}}}}], Path("no-bundle"))
+    assert merged["parts"]["peaks"] is ok

@@ -7,8 +7,9 @@ WORK_DIR holds, per part, ``NAME.status.json`` (written by run_all.sh: exit stat
 out or skipped), ``NAME.json`` (the part's own result, if it wrote one) and ``NAME.log``. A part that
 failed keeps the end of its log in results.json, so nothing is lost to one failure. The summary
 derives the table numbers of BENCHMARKS.md that need more than one part: batch-1 decode's bytes per
-token (weights from the artifact's manifest + the KV cache read at the mean context) over the
-measured copy bandwidth. Standard library only: it must run even where nothing else does.
+token (weights from the artifact's manifest, an untied embedding table as the one row a token gathers, + the
+KV cache read at the mean context) over the measured copy bandwidth. A part counts as run (``--merge``) only
+if it exited 0 in time and its result records no error. Standard library only: it must run even where nothing else does.
 
 A GPU run spans several calls (each stops at its deadline), each with its own results.json: ``--merge``
 joins them here — a part that ran in a later call replaces one that did not run or failed in an
@@ -37,10 +38,19 @@ def _read_json(path: Path):
 
 
 def weight_bytes(artifact: Path) -> int | None:
+    """Weight bytes one decode step reads: every parameter whole, except an untied embedding table, of which a
+    step gathers one row per token (a tied one is read whole by the lm_head)."""
     manifest = _read_json(artifact / "manifest.json")
     if not manifest or "param_shapes" not in manifest:
         return None
-    return sum(math.prod(shape) * DTYPE_BYTES.get(dtype, 2) for shape, dtype in manifest["param_shapes"].values())
+    shapes = manifest["param_shapes"]
+    total = 0
+    for name, (shape, dtype) in shapes.items():
+        n = math.prod(shape)
+        if name == "embed_tokens" and "lm_head" in shapes and len(shape) == 2:
+            n = shape[1]  # one row
+        total += n * DTYPE_BYTES.get(dtype, 2)
+    return total
 
 
 def kv_bytes_per_token(artifact: Path) -> int | None:
@@ -110,8 +120,10 @@ def collect(work: Path, bundle: Path) -> tuple[dict, str]:
 
 
 def _ran(entry: dict) -> bool:
-    s = entry.get("status", {})
-    return "skipped" not in s and s.get("rc") == 0 and not s.get("timed_out")
+    """A part counts as run only if it exited 0 within its limit and its result records no error."""
+    s, result = entry.get("status", {}), entry.get("result")
+    errors = isinstance(result, dict) and (result.get("errors") or result.get("error"))
+    return "skipped" not in s and s.get("rc") == 0 and not s.get("timed_out") and not errors
 
 
 def merge(runs: list[dict], bundle: Path) -> dict:

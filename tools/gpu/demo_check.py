@@ -106,7 +106,7 @@ def main() -> None:
     args.out.write_text(json.dumps(result) + "\n")
     short = {k: v for k, v in result.items() if k not in ("first_logits", "margins", "tokens", "reference_tokens")}
     print(json.dumps(short, indent=2))
-    sys.exit(1 if "error" in result else 0)
+    sys.exit(1 if "error" in result or result.get("match") is False else 0)  # a mismatch fails the part too
 
 
 if __name__ == "__main__":

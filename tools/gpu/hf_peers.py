@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -193,6 +194,8 @@ def main() -> None:
 
     guarded("continuous_batching", continuous_batching)
     print(json.dumps({k: result[k] for k in ("config", "device", "errors")}, indent=2))
+    if result["errors"]:  # the measurements that ran stay in the JSON; the part still failed
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -90,6 +91,8 @@ def main() -> None:
         if args.device == "cuda":
             torch.cuda.empty_cache()
         args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if result["errors"]:  # the rest is kept in the JSON, but the part failed: run_all.sh records its exit
+        sys.exit(1)
 
 
 if __name__ == "__main__":
