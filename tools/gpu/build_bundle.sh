@@ -123,8 +123,27 @@ EOF
     "$PY" tools/gpu/gemm.py build "$BUNDLE/gemm" --arch sm_90 >/dev/null \
         || { echo "warning: tools/gpu/gemm.py build failed; the run will skip the gemm part" >&2; rm -rf "$BUNDLE/gemm"; }
 else
-    # A CPU stand-in: the same layout, the demo model and tiny shapes for the CPU, for the tests (no runtime
-    # libraries: the venv's TVM runs it).
+    # A CPU stand-in: the same layout, the demo model and tiny shapes for the CPU, for the tests. Its runtime is
+    # this venv's, laid out as on the device: tvm_ffi trimmed the same way into py/, TVM's runtime libraries in
+    # tvmlib/ (the test runs it with the TVM compiler and the other modules the device lacks unimportable).
+    step "smoke bundle: this Python's tvm_ffi and TVM's runtime libraries, trimmed"
+    TVM_LIB=$("$PY" -c 'import importlib.util, os; print(os.path.join(list(importlib.util.find_spec("tvm").submodule_search_locations)[0], "lib"))')
+    mkdir -p "$BUNDLE/tvmlib"
+    cp "$TVM_LIB/libtvm_runtime.so" "$BUNDLE/tvmlib/"
+    [ -e "$TVM_LIB/libtvm_runtime_cuda.so" ] && cp "$TVM_LIB/libtvm_runtime_cuda.so" "$BUNDLE/tvmlib/"
+    "$PY" - "$BUNDLE/py" <<'EOF'
+import importlib.util, shutil, sys
+from importlib.metadata import distribution
+from pathlib import Path
+dest = Path(sys.argv[1])
+src = Path(list(importlib.util.find_spec("tvm_ffi").submodule_search_locations)[0])
+drop = {"3rdparty", "include", "src", "stub", "share", "cython", "testing", "CMakeLists.txt", "core.pyi"}  # (as above)
+shutil.copytree(src, dest / "tvm_ffi", ignore=lambda d, names: [n for n in names if Path(d) == src and n in drop])
+for name in ("apache-tvm-ffi", "apache-tvm"):
+    dist = Path(distribution(name)._path)
+    (dest / dist.name).mkdir(parents=True)
+    shutil.copy(dist / "METADATA", dest / dist.name / "METADATA")
+EOF
     step "smoke bundle: CPU artifacts"
     DEMO_SRC=models/kiln-demo
     "$PY" - "$SCRATCH/shapes" <<'EOF'
