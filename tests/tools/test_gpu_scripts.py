@@ -285,6 +285,17 @@ def test_run_all_on_a_cpu_smoke_bundle(tmp_path):
     assert "| with CUDA graphs | True |" in md and "| without | True |" in md
     files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) <= 8, files
+    # the quick group's parts that run on a CPU (nvidia-smi needs the card; the smoke bundle has no gemm/)
+    quick = tmp_path / "quick"
+    res = run("bash", GPU / "run_all.sh", "preflight", "demo", "kiln-llama-3-8b-quick", "hf-llama-3-8b-quick",
+              timeout=600, env={**env, "OUT": str(quick), "KILN_GPU_BUNDLE": str(packed), "KILN_GPU_DEVICE": "cpu",
+                                "KILN_GPU_SMALL": "1"})
+    results = json.loads((quick / "results.json").read_text())
+    assert list(results["parts"]) == ["preflight", "demo", "kiln-llama-3-8b-quick", "hf-llama-3-8b-quick"]
+    for name, p in results["parts"].items():
+        assert p["status"]["rc"] == 0, (name, p.get("log_tail"))
+    assert set(results["parts"]["preflight"]["result"]["checks"]) == {"python", "tvm_ffi", "runtime", "forward"}
+    assert results["parts"]["hf-llama-3-8b-quick"]["result"]["results"]["static_compile"]["decode_tokens_per_s"] > 0
     for f in files:
         rel = f.relative_to(out)
         assert len(rel.parts) <= 3 and all(re.fullmatch(r"[A-Za-z0-9._-]+", s) for s in rel.parts), rel
@@ -337,3 +348,33 @@ def test_a_part_with_errors_in_its_result_does_not_count_as_run():
     merged = collect.merge([{"parts": {"peaks": ok}}, {"parts": {"peaks": {"status": {"rc": 0}, "result": {
         "errors": {"copy": "boom"}}}}}], Path("no-bundle"))
     assert merged["parts"]["peaks"] is ok
+
+
+def test_quick_group_fits_one_gpu_call():
+    """The default group's parts, in order, with limits that add up to the 480 s the script enforces as its
+    deadline (a GPU call allows 600 s, start-up and the bundle's transfer included)."""
+    res = run("bash", GPU / "run_all.sh", "--plan")
+    plan = [line.split() for line in res.stdout.splitlines()]
+    assert [name for name, _ in plan] == ["preflight", "nvidia-smi", "peaks", "demo", "gemm", "kiln-llama-3-8b-quick",
+                                         "hf-llama-3-8b-quick"]
+    assert sum(int(limit) for _, limit in plan) <= 480
+    assert int(dict(plan)["preflight"]) <= 15
+    assert re.search(r'\[ "\$QUICK_ONLY" = 1 \] && \{ DEFAULT_DEADLINE=480;', (GPU / "run_all.sh").read_text())
+
+
+def test_a_failed_preflight_skips_the_rest_with_a_diagnosis(tmp_path):
+    """A bundle that cannot run (here: no tvm_ffi at all) stops at preflight: its diagnosis is printed, every later
+    part is recorded as skipped, none is counted as run."""
+    bundle = tmp_path / "bundle"
+    (bundle / "artifacts" / "demo").mkdir(parents=True)
+    (bundle / "bundle.json").write_text(json.dumps({"kiln_sources": load_tool("source_hash").source_hash(ROOT)}))
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(GPU / "run_all.sh"), "preflight", "demo", "peaks"], cwd=ROOT, text=True,
+                          capture_output=True, timeout=300,
+                          env={**os.environ, "PYTHON": sys.executable, "KILN_GPU_BUNDLE": str(bundle), "OUT": str(out),
+                               "KILN_GPU_DEVICE": "cpu"})
+    assert "PREFLIGHT FAILED at 'python'" in proc.stdout and "no py/tvm_ffi/core" in proc.stdout
+    parts = json.loads((out / "results.json").read_text())["parts"]
+    assert parts["preflight"]["status"]["rc"] == 1
+    assert parts["demo"]["status"] == {"part": "demo", "skipped": "preflight failed"}
+    assert parts["peaks"]["status"] == {"part": "peaks", "skipped": "preflight failed"}

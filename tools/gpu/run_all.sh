@@ -2,10 +2,13 @@
 # Every GPU measurement of kiln in one command, on a machine with torch but no TVM (see shared/notes/gpu.md).
 #
 #   tools/gpu/run_all.sh [PART|GROUP ...]        from the repo root, with gpu_bundle.tar.xz carried along
+#   tools/gpu/run_all.sh --plan [PART|GROUP ...] the parts and their time limits, without running anything
 #
 # Built beforehand on the CPU host by tools/gpu/build_bundle.sh. Puts the bundle's runtime-only TVM on
 # PYTHONPATH and runs, each part guarded by its own time limit so one failure loses nothing else:
 #
+#   preflight                           Python, the bundle's tvm_ffi, the runtime on the device, one demo forward
+#                                       (tools/gpu/preflight.py); if it fails, every later part is skipped
 #   nvidia-smi                          the card as found
 #   peaks                               copy bandwidth and bf16/fp16 matmul peak (tools/gpu/peaks.py)
 #   gemm                                kiln's tensor-core GEMM alone vs torch.matmul (tools/gpu/gemm.py)
@@ -18,11 +21,16 @@
 #   kiln-SHAPE-serving                  kiln bench: ShareGPT-like requests at several rates
 #   kiln-llama-3.2-1b-nograph-latency   decode again without CUDA graphs, for what they bring
 #
-# SHAPE is llama-3-8b or llama-3.2-1b; groups: all (default), base, kiln, hf, serving, graphs. After each part
+#   kiln-llama-3-8b-quick               kiln bench: Llama-3-8B decode at batch 1, 8, 32, 64 (128-token prompts)
+#   hf-llama-3-8b-quick                 transformers eager and static cache + torch.compile, batch 1, 32 new tokens
+#
+# SHAPE is llama-3-8b or llama-3.2-1b; groups: quick (the default: preflight nvidia-smi peaks demo gemm
+# kiln-llama-3-8b-quick hf-llama-3-8b-quick, limits adding up to 480 s, the deadline 480 s), all, base, kiln, hf,
+# serving, graphs. After each part
 # tools/gpu/collect.py rewrites $OUT/results.json, $OUT/logs.txt and $OUT/tables.md (BENCHMARKS.md's tables,
 # tools/gpu/tables.py), so a run cut short keeps what it finished. Parts run in the order above until
-# KILN_GPU_DEADLINE seconds (default 560) have passed; the rest are recorded as skipped (run them with a
-# second command naming them).
+# KILN_GPU_DEADLINE seconds (default 480 for quick, else 560) have passed; the rest are recorded as skipped (run
+# them with a second command naming them).
 #
 # Environment: OUT (results folder; default out/gpu), KILN_GPU_BUNDLE (the bundle: a folder, or its .tar.xz,
 # unpacked into a scratch folder; default gpu_bundle.tar.xz if present, else gpu_bundle/),
@@ -33,12 +41,22 @@ set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
+PLAN=0
+[ "${1:-}" = --plan ] && { PLAN=1; shift; }
+GROUPS_ASKED=("${@:-quick}")
+QUICK_ONLY=1
+for g in "${GROUPS_ASKED[@]}"; do [ "$g" = quick ] || QUICK_ONLY=0; done
+DEFAULT_DEADLINE=560 L_PEAKS=60 L_DEMO=90 L_GEMM=120  # the time limits that differ in the quick group
+[ "$QUICK_ONLY" = 1 ] && { DEFAULT_DEADLINE=480; L_PEAKS=40; L_DEMO=45; L_GEMM=90; }
 OUT=${OUT:-$ROOT/out/gpu}
 DEVICE=${KILN_GPU_DEVICE:-cuda}
 SMALL=${KILN_GPU_SMALL:-0}
 PY=${PYTHON:-python3}
-DEADLINE=$(( SECONDS + ${KILN_GPU_DEADLINE:-560} ))
+DEADLINE=$(( SECONDS + ${KILN_GPU_DEADLINE:-$DEFAULT_DEADLINE} ))
 SHAPES="llama-3-8b llama-3.2-1b"
+STOPPED=""  # set when preflight fails: every later part is recorded as skipped
+
+if [ "$PLAN" = 0 ]; then
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/kiln-gpu.XXXXXX")
 mkdir -p "$OUT"
 
@@ -70,23 +88,37 @@ if [ "$DEVICE" = cuda ]; then
     [ -n "$CUDART" ] || CUDART="$BUNDLE/cudart"
     export LD_LIBRARY_PATH="$CUDART${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
+else
+    BUNDLE="<bundle>" WORK="<work>"
+fi
 
 if [ "$SMALL" = 1 ]; then
     SMALLFLAG=--small
     LATENCY="--batch-sizes 1,2 --input-len 16 --output-len 4"
     PREFILL_OUT=2; SERVING="--num-prompts 4 --request-rates 8,inf"
     HF="--small --compile-backend eager --batches 2 --prompt-len 8 --new-tokens 4 --repeats 1 --skip continuous_batching"
+    QUICK_LATENCY="--batch-sizes 1,2 --input-len 16 --output-len 4"
+    HF_QUICK="--small --compile-backend eager --prompt-len 8 --new-tokens 4 --repeats 1 --skip batched continuous_batching"
 else
     SMALLFLAG=
     LATENCY="--batch-sizes 1,8,32,64,128,256 --input-len 128 --output-len 32"
     PREFILL_OUT=4; SERVING="--num-prompts 100 --request-rates 4,16,inf"
     HF="--new-tokens 64 --batches 8 32 64 --repeats 2"
+    QUICK_LATENCY="--batch-sizes 1,8,32,64 --input-len 128 --output-len 32"
+    HF_QUICK="--new-tokens 32 --repeats 1 --skip batched continuous_batching"
 fi
 
 part() {  # part NAME LIMIT_S CMD...: run CMD under its limit (or what is left of the deadline), record how it went
     local name=$1 limit=$2; shift 2
     local left=$(( DEADLINE - SECONDS )) t0=$SECONDS rc
-    if [ "$left" -lt 15 ]; then
+    if [ "$PLAN" = 1 ]; then
+        echo "$name $limit"
+        return
+    fi
+    if [ -n "$STOPPED" ]; then
+        echo "{\"part\": \"$name\", \"skipped\": \"$STOPPED\"}" >"$WORK/$name.status.json"
+        echo "== $name: skipped, $STOPPED"
+    elif [ "$left" -lt 15 ]; then
         echo "{\"part\": \"$name\", \"skipped\": \"out of time (KILN_GPU_DEADLINE)\"}" >"$WORK/$name.status.json"
         echo "== $name: skipped, out of time"
     else
@@ -99,6 +131,10 @@ part() {  # part NAME LIMIT_S CMD...: run CMD under its limit (or what is left o
             >"$WORK/$name.status.json"
         tail -n 15 "$WORK/$name.log"
         echo "== $name: exit $rc after $(( SECONDS - t0 ))s"
+        if [ "$name" = preflight ] && [ $rc != 0 ]; then
+            STOPPED="preflight failed"
+            cat "$WORK/$name.log"  # its one-screen diagnosis
+        fi
     fi
     "$PY" tools/gpu/collect.py "$WORK" "$OUT" --bundle "$BUNDLE" || echo "collect.py failed" >&2
 }
@@ -111,10 +147,11 @@ bench() {  # bench NAME SHAPE LIMIT_S BENCH_ARGS...: kiln bench with random weig
 
 run() {
     case $1 in
-        nvidia-smi) part nvidia-smi 20 nvidia-smi ;;
-        peaks) part peaks 60 "$PY" tools/gpu/peaks.py --device "$DEVICE" $SMALLFLAG --out "$WORK/peaks.json" ;;
-        gemm) if [ -d "$BUNDLE/gemm" ]; then
-                  part gemm 120 "$PY" tools/gpu/gemm.py run "$BUNDLE/gemm" --json "$WORK/gemm.json"
+        preflight) part preflight 15 "$PY" tools/gpu/preflight.py "$BUNDLE" --device "$DEVICE" --out "$WORK/preflight.json" ;;
+        nvidia-smi) part nvidia-smi 10 nvidia-smi ;;
+        peaks) part peaks $L_PEAKS "$PY" tools/gpu/peaks.py --device "$DEVICE" $SMALLFLAG --out "$WORK/peaks.json" ;;
+        gemm) if [ -d "$BUNDLE/gemm" ] || [ "$PLAN" = 1 ]; then
+                  part gemm $L_GEMM "$PY" tools/gpu/gemm.py run "$BUNDLE/gemm" --json "$WORK/gemm.json"
               else
                   echo '{"part": "gemm", "skipped": "the bundle has no gemm/"}' >"$WORK/gemm.status.json"
               fi ;;
@@ -122,10 +159,13 @@ run() {
                       part "$1" 120 "$PY" tools/gpu/same_logits.py "$BUNDLE/artifacts/llama-3-8b" \
                           "$BUNDLE/artifacts/llama-3-8b-sm90a" --prompt-len $n --steps $steps --out "$WORK/$1.json" ;;
         demo|demo-nograph)
-              [ -e "$BUNDLE/artifacts/$1/params.safetensors" ] \
+              [ -e "$BUNDLE/artifacts/$1/params.safetensors" ] || [ "$PLAN" = 1 ] \
                   || cp "$BUNDLE/artifacts/demo/params.safetensors" "$BUNDLE/artifacts/$1/"  # (build_bundle.sh)
-              part "$1" 90 "$PY" tools/gpu/demo_check.py check "$BUNDLE/artifacts/$1" \
+              part "$1" $L_DEMO "$PY" tools/gpu/demo_check.py check "$BUNDLE/artifacts/$1" \
                   --expect "$BUNDLE/demo_cpu_greedy.json" --out "$WORK/$1.json" ;;
+        kiln-llama-3-8b-quick) bench "$1" llama-3-8b 120 --mode latency $QUICK_LATENCY ;;
+        hf-llama-3-8b-quick) part "$1" 160 "$PY" tools/gpu/hf_peers.py --config tools/gpu/configs/llama-3-8b \
+                                 --device "$DEVICE" $HF_QUICK --out "$WORK/$1.json" ;;
         kiln-*-nograph-latency) local s=${1#kiln-}; s=${s%-latency}  # (no plot: $OUT returns 8 files at most)
                                 bench "$1" "$s" 120 --mode latency $LATENCY ;;
         kiln-*-latency) local s=${1#kiln-}; s=${s%-latency}
@@ -146,23 +186,25 @@ run() {
 expand() {  # the parts of a group, in run order
     local s
     case $1 in
+        quick) echo preflight nvidia-smi peaks demo gemm kiln-llama-3-8b-quick hf-llama-3-8b-quick ;;
         base) echo nvidia-smi peaks gemm demo demo-nograph wgmma-logits ;;
         kiln) for s in $SHAPES; do echo "kiln-$s-latency"; done
               for s in $SHAPES llama-3-8b-sm90a; do echo "kiln-$s-prefill-512 kiln-$s-prefill-2048"; done ;;
         hf) for s in $SHAPES; do echo "hf-$s"; done ;;
         serving) for s in $SHAPES; do echo "kiln-$s-serving"; done ;;
         graphs) echo kiln-llama-3.2-1b-nograph-latency ;;
-        all) expand base; expand kiln; expand hf; expand serving; expand graphs ;;
+        all) echo preflight; expand base; expand kiln; expand hf; expand serving; expand graphs ;;
         *) echo "$1" ;;
     esac
 }
 
-echo "kiln GPU run: bundle $BUNDLE, device $DEVICE, results in $OUT (work dir $WORK)"
-for arg in "${@:-all}"; do
+[ "$PLAN" = 1 ] || echo "kiln GPU run: bundle $BUNDLE, device $DEVICE, results in $OUT (work dir $WORK)"
+for arg in "${GROUPS_ASKED[@]}"; do
     for p in $(expand "$arg"); do
         run "$p"
     done
 done
+[ "$PLAN" = 1 ] && exit 0
 "$PY" - "$OUT/results.json" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
