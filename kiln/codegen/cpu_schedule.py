@@ -35,9 +35,12 @@ The quantized linears of kiln/ir/quant_kernels.py (``dequant_matmul``, ``int_mat
 dequantized inside the sum) get the same tiling and a branch on the row count: one row unpacks the
 weight inline in the sum, more rows take the register-blocked schedule below with the weight stage computed
 once per tile of 4 output channels, in a buffer of the task's own, for every row (never the whole weight). The plain form's whole-weight ``dequantize_*`` kernels
-(``--no-fuse``) run their rows in parallel. Anything else (attention kernels, norms, RoPE,
-KV-cache copies, or a matmul in a shape the rule does not expect) passes through untouched: the rule matches the matmul block structurally and gives up on
-the whole function (keeping the original) if any schedule step is refused.
+(``--no-fuse``) run their rows in parallel.
+
+The same pass swaps TVM's CPU decode and ragged-prefill attention kernels for kiln/codegen/cpu_attention.py's
+(same signature; TVM's are serial and scalar). Anything else (the other attention kernels, norms, RoPE, KV-cache
+copies, or a matmul in a shape the rule does not expect) passes through untouched: the rule matches the matmul
+block structurally and gives up on the whole function (keeping the original) if any schedule step is refused.
 """
 
 from __future__ import annotations
