@@ -2,7 +2,8 @@
 
 Weights come from the artifact's params.safetensors, or, with ``random_weights=SEED``, are created
 on the device from a seeded generator in the artifact's own parameter layout (never reading the
-file): an artifact compiled from config.json alone runs that way, for benchmarks.
+file): an artifact compiled from config.json alone runs that way, for benchmarks. ``params=`` hands
+the runner tensors already in that layout (a parity check against another engine's weights).
 
 No policy here: the caller (kiln/runtime/llm.py now, kiln/scheduler later) decides which sequences
 run and with how many tokens; the runner prepares host inputs (``prepare_step``, pure NumPy and
@@ -122,11 +123,11 @@ def random_parameter(name: str, shape: tuple[int, ...], dtype: str, generator, d
 
 class ModelRunner:
     def __init__(self, artifact: Artifact, device: str | None = None, kv_config: KVCacheConfig | None = None,
-                 random_weights: int | None = None):
+                 random_weights: int | None = None, params: dict | None = None):
         device = device or artifact.target["device"]
         if device != artifact.target["device"]:
             raise ArtifactError(f"{artifact.path} was compiled for {artifact.target['device']}, not {device}")
-        if random_weights is None and not artifact.has_weights:
+        if random_weights is None and params is None and not artifact.has_weights:
             raise ArtifactError(f"{artifact.path} holds no weights (compiled with --config-only): pass random weights "
                                 "(`kiln bench --random-weights SEED`, EngineConfig(random_weights=SEED) or "
                                 "ModelRunner(..., random_weights=SEED))")
@@ -155,7 +156,8 @@ class ModelRunner:
         self._inflight: list = []
         self.last_timing = (0.0, 0.0, 0.0)  # seconds of the last forward: input preparation, model, output wrap
         self.random_weights = random_weights
-        self.params = self._load_params() if random_weights is None else self._random_params(random_weights)
+        self.params = (self._given_params(params) if params is not None else self._load_params()
+                       if random_weights is None else self._random_params(random_weights))
         cfg = kv_config or KVCacheConfig.for_model(self.spec.context_len, self.spec.kv_bytes_per_token)
         if cfg.prefill_chunk_size > cfg.max_total_tokens:
             raise KilnError("prefill_chunk_size must not exceed the KV cache's max_total_tokens")
@@ -179,6 +181,22 @@ class ModelRunner:
                 if tuple(t.shape) != shape or str(t.dtype).removeprefix("torch.") != dtype:
                     raise ArtifactError(f"{self.artifact.params_file}: {name} is {str(t.dtype)[6:]} {tuple(t.shape)}, "
                                         f"the manifest says {dtype} {shape}")
+        return [self._ffi.from_dlpack(t) for t in self._keep]
+
+    def _given_params(self, params: dict) -> list:
+        """``params`` (name -> torch tensor on the runner's device) in the artifact's layout, checked against it."""
+        layout = self.artifact.param_layout
+        if set(params) != set(layout):
+            missing, extra = sorted(set(layout) - set(params)), sorted(set(params) - set(layout))
+            raise ArtifactError(f"params do not match {self.artifact.path}'s layout: missing {missing[:3]}, "
+                                f"unknown {extra[:3]}")
+        self._keep = []
+        for name, (shape, dtype) in layout.items():
+            t = params[name].contiguous()
+            if tuple(t.shape) != tuple(shape) or str(t.dtype).removeprefix("torch.") != dtype:
+                raise ArtifactError(f"param {name} is {str(t.dtype)[6:]} {tuple(t.shape)}, the artifact wants "
+                                    f"{dtype} {tuple(shape)}")
+            self._keep.append(t)
         return [self._ffi.from_dlpack(t) for t in self._keep]
 
     def _random_params(self, seed: int) -> list:

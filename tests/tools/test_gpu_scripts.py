@@ -287,14 +287,18 @@ def test_run_all_on_a_cpu_smoke_bundle(tmp_path):
     assert len(files) <= 8, files
     # the quick group's parts that run on a CPU (nvidia-smi needs the card; the smoke bundle has no gemm/)
     quick = tmp_path / "quick"
-    res = run("bash", GPU / "run_all.sh", "preflight", "demo", "kiln-llama-3-8b-quick", "hf-llama-3-8b-quick",
+    res = run("bash", GPU / "run_all.sh", "preflight", "demo", "parity-llama-3-8b", "kiln-llama-3-8b-quick",
+              "hf-llama-3-8b-quick",
               timeout=600, env={**env, "OUT": str(quick), "KILN_GPU_BUNDLE": str(packed), "KILN_GPU_DEVICE": "cpu",
                                 "KILN_GPU_SMALL": "1"})
     results = json.loads((quick / "results.json").read_text())
-    assert list(results["parts"]) == ["preflight", "demo", "kiln-llama-3-8b-quick", "hf-llama-3-8b-quick"]
+    assert list(results["parts"]) == ["preflight", "demo", "parity-llama-3-8b", "kiln-llama-3-8b-quick",
+                                      "hf-llama-3-8b-quick"]
     for name, p in results["parts"].items():
         assert p["status"]["rc"] == 0, (name, p.get("log_tail"))
     assert set(results["parts"]["preflight"]["result"]["checks"]) == {"python", "tvm_ffi", "runtime", "forward"}
+    parity = results["parts"]["parity-llama-3-8b"]["result"]  # kiln and transformers on the same seeded weights
+    assert parity["ok"] and len(parity["max_rel_diff_per_row"]) == 4 and all(parity["argmax_agree_per_row"])
     assert results["parts"]["hf-llama-3-8b-quick"]["result"]["results"]["static_compile"]["decode_tokens_per_s"] > 0
     for f in files:
         rel = f.relative_to(out)
@@ -355,8 +359,8 @@ def test_quick_group_fits_one_gpu_call():
     deadline (a GPU call allows 600 s, start-up and the bundle's transfer included)."""
     res = run("bash", GPU / "run_all.sh", "--plan")
     plan = [line.split() for line in res.stdout.splitlines()]
-    assert [name for name, _ in plan] == ["preflight", "nvidia-smi", "peaks", "demo", "gemm", "kiln-llama-3-8b-quick",
-                                         "hf-llama-3-8b-quick"]
+    assert [name for name, _ in plan] == ["preflight", "nvidia-smi", "peaks", "demo", "parity-llama-3-8b", "gemm",
+                                         "kiln-llama-3-8b-quick", "hf-llama-3-8b-quick"]
     assert sum(int(limit) for _, limit in plan) <= 480
     assert int(dict(plan)["preflight"]) <= 15
     assert re.search(r'\[ "\$QUICK_ONLY" = 1 \] && \{ DEFAULT_DEADLINE=480;', (GPU / "run_all.sh").read_text())

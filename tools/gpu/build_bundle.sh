@@ -18,6 +18,7 @@
 #   gemm/gemm_sm_90.so           kiln's tensor-core GEMM alone (tools/gpu/gemm.py build)
 #   gemm/lowbatch_sm_90.so,.json the Llama-3-8B linears at small m: MMA, each low-batch GEMV bucket, kiln's dispatch
 #   demo_cpu_greedy.json         the demo model's greedy tokens on this CPU (tools/gpu/demo_check.py record)
+#   configs/llama-3-8b/          the config llama-3-8b was compiled from (tools/gpu/parity_hf.py builds transformers')
 #   bundle.json                  what was built, from which commit and kiln sources (tools/gpu/source_hash.py:
 #                                run_all.sh refuses the bundle in a checkout whose sources differ), versions, sizes
 #
@@ -118,6 +119,8 @@ EOF
         --dtype float16 --context-len "$CONTEXT_LEN" --no-cuda-graph
     compile llama-3-8b-sm90a tools/gpu/configs/llama-3-8b --config-only --target cuda --arch sm_90a \
         --dtype float16 --context-len "$CONTEXT_LEN"
+    mkdir -p "$BUNDLE/configs/llama-3-8b"  # what parity_hf.py builds transformers' side from
+    cp tools/gpu/configs/llama-3-8b/config.json "$BUNDLE/configs/llama-3-8b/"
     DEMO_SRC=models/kiln-demo
     step "building kiln's tensor-core GEMM alone (tools/gpu/gemm.py)"
     "$PY" tools/gpu/gemm.py build "$BUNDLE/gemm" --arch sm_90 >/dev/null \
@@ -164,6 +167,8 @@ EOF
     done
     compile llama-3.2-1b-nograph "$SCRATCH/shapes/llama-3.2-1b" --config-only --context-len 256
     compile llama-3-8b-sm90a "$SCRATCH/shapes/llama-3-8b" --config-only --context-len 256  # (a CPU twin)
+    mkdir -p "$BUNDLE/configs/llama-3-8b"
+    cp "$SCRATCH/shapes/llama-3-8b/config.json" "$BUNDLE/configs/llama-3-8b/"
 fi
 # demo-nograph has demo's weights: run_all.sh copies them back before using it, so they travel once
 cmp "$BUNDLE/artifacts/demo/params.safetensors" "$BUNDLE/artifacts/demo-nograph/params.safetensors"

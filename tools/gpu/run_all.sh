@@ -21,11 +21,13 @@
 #   kiln-SHAPE-serving                  kiln bench: ShareGPT-like requests at several rates
 #   kiln-llama-3.2-1b-nograph-latency   decode again without CUDA graphs, for what they bring
 #
+#   parity-llama-3-8b                   fp16 Llama-3-8B logits, kiln against transformers on the same seeded weights
+#                                       (128-token prefill, 8 teacher-forced decode steps; tools/gpu/parity_hf.py)
 #   kiln-llama-3-8b-quick               kiln bench: Llama-3-8B decode at batch 1, 8, 32, 64 (128-token prompts)
 #   hf-llama-3-8b-quick                 transformers eager and static cache + torch.compile, batch 1, 32 new tokens
 #
-# SHAPE is llama-3-8b or llama-3.2-1b; groups: quick (the default: preflight nvidia-smi peaks demo gemm
-# kiln-llama-3-8b-quick hf-llama-3-8b-quick, limits adding up to 480 s, the deadline 480 s), all, base, kiln, hf,
+# SHAPE is llama-3-8b or llama-3.2-1b; groups: quick (the default: preflight nvidia-smi peaks demo parity-llama-3-8b
+# gemm kiln-llama-3-8b-quick hf-llama-3-8b-quick, limits adding up to 480 s, the deadline 480 s), all, base, kiln, hf,
 # serving, graphs. After each part
 # tools/gpu/collect.py rewrites $OUT/results.json, $OUT/logs.txt and $OUT/tables.md (BENCHMARKS.md's tables,
 # tools/gpu/tables.py), so a run cut short keeps what it finished. Parts run in the order above until
@@ -46,8 +48,8 @@ PLAN=0
 GROUPS_ASKED=("${@:-quick}")
 QUICK_ONLY=1
 for g in "${GROUPS_ASKED[@]}"; do [ "$g" = quick ] || QUICK_ONLY=0; done
-DEFAULT_DEADLINE=560 L_PEAKS=60 L_DEMO=90 L_GEMM=120  # the time limits that differ in the quick group
-[ "$QUICK_ONLY" = 1 ] && { DEFAULT_DEADLINE=480; L_PEAKS=40; L_DEMO=45; L_GEMM=90; }
+DEFAULT_DEADLINE=560 L_PEAKS=60 L_DEMO=90 L_GEMM=120 L_PARITY=120  # the time limits that differ in the quick group
+[ "$QUICK_ONLY" = 1 ] && { DEFAULT_DEADLINE=480; L_PEAKS=35; L_DEMO=40; L_GEMM=70; L_PARITY=60; }
 OUT=${OUT:-$ROOT/out/gpu}
 DEVICE=${KILN_GPU_DEVICE:-cuda}
 SMALL=${KILN_GPU_SMALL:-0}
@@ -163,8 +165,12 @@ run() {
                   || cp "$BUNDLE/artifacts/demo/params.safetensors" "$BUNDLE/artifacts/$1/"  # (build_bundle.sh)
               part "$1" $L_DEMO "$PY" tools/gpu/demo_check.py check "$BUNDLE/artifacts/$1" \
                   --expect "$BUNDLE/demo_cpu_greedy.json" --out "$WORK/$1.json" ;;
-        kiln-llama-3-8b-quick) bench "$1" llama-3-8b 120 --mode latency $QUICK_LATENCY ;;
-        hf-llama-3-8b-quick) part "$1" 160 "$PY" tools/gpu/hf_peers.py --config tools/gpu/configs/llama-3-8b \
+        parity-llama-3-8b) local pl=128 st=8; [ "$SMALL" = 1 ] && { pl=16; st=4; }
+                           part "$1" $L_PARITY "$PY" tools/gpu/parity_hf.py "$BUNDLE/artifacts/llama-3-8b" \
+                               --config "$BUNDLE/configs/llama-3-8b" --device "$DEVICE" --prompt-len $pl --steps $st \
+                               --out "$WORK/$1.json" ;;
+        kiln-llama-3-8b-quick) bench "$1" llama-3-8b 100 --mode latency $QUICK_LATENCY ;;
+        hf-llama-3-8b-quick) part "$1" 150 "$PY" tools/gpu/hf_peers.py --config tools/gpu/configs/llama-3-8b \
                                  --device "$DEVICE" $HF_QUICK --out "$WORK/$1.json" ;;
         kiln-*-nograph-latency) local s=${1#kiln-}; s=${s%-latency}  # (no plot: $OUT returns 8 files at most)
                                 bench "$1" "$s" 120 --mode latency $LATENCY ;;
@@ -186,8 +192,8 @@ run() {
 expand() {  # the parts of a group, in run order
     local s
     case $1 in
-        quick) echo preflight nvidia-smi peaks demo gemm kiln-llama-3-8b-quick hf-llama-3-8b-quick ;;
-        base) echo nvidia-smi peaks gemm demo demo-nograph wgmma-logits ;;
+        quick) echo preflight nvidia-smi peaks demo parity-llama-3-8b gemm kiln-llama-3-8b-quick hf-llama-3-8b-quick ;;
+        base) echo nvidia-smi peaks gemm demo demo-nograph parity-llama-3-8b wgmma-logits ;;
         kiln) for s in $SHAPES; do echo "kiln-$s-latency"; done
               for s in $SHAPES llama-3-8b-sm90a; do echo "kiln-$s-prefill-512 kiln-$s-prefill-2048"; done ;;
         hf) for s in $SHAPES; do echo "hf-$s"; done ;;
