@@ -3,7 +3,7 @@
 kiln's states are token-major ``[n, H]``: every linear of ``batch_decode`` and ``batch_prefill`` is
 one PrimFunc over a symbolic row count ``n``. Scheduled as a tensor-core GEMM (cuda_matmul.py), a
 decode step of 8 sequences pads them to a 128-row tile and spreads the weight over N / 128 blocks
-(32 for N = 4096): a fraction of an H200's 132 SMs, which should leave the weight read well below
+(32 for N = 4096): a fraction of the 132 SMs of an H100 or H200, which should leave the weight read well below
 memory bandwidth (gemm.py measures it). This pass gives each such PrimFunc a dispatch on ``n`` at the top of the kernel's host
 code: ``n <= limit`` runs dlight's ``LowBatchGEMV(bucket)`` schedule (``n`` padded to the bucket,
 each block computing ``bucket`` rows of a slice of N, the weight streamed once per bucket of rows),

@@ -238,6 +238,12 @@ def summarize(parts: dict, bundle: Path) -> dict:
         if demo:
             summary[key] = {k: demo.get(k) for k in ("match", "first_mismatch", "num_tokens",
                                                      "teacher_forced_argmax_agree", "first_logits_max_abs_diff")}
+    parity = (parts.get("parity-llama-3-8b") or {}).get("result") or {}
+    if parity.get("max_rel_diff_per_row"):
+        agree = parity["argmax_agree_per_row"]
+        summary["fp16_parity_llama_3_8b"] = {"ok": parity["ok"], "dtype": parity["dtype"], "rtol": parity["rtol"],
+                                             "max_rel_diff": max(parity["max_rel_diff_per_row"]),
+                                             "argmax_agree": f"{sum(agree)}/{len(agree)}"}
     logits = (parts.get("wgmma-logits") or {}).get("result") or {}
     if logits:
         summary["wgmma_same_logits"] = {k: logits.get(k) for k in ("ok", "max_rel_diff_per_step",

@@ -3,7 +3,7 @@
     python tools/gpu/peaks.py [--device cuda|cpu] [--small] --out peaks.json
 
 - copy: ``dst.copy_(src)`` of a 4 GiB buffer (16 MiB with --small), GB/s counting the bytes read plus
-  the bytes written (the convention of shared/notes/gpu.md: about 4300 GB/s on an H200).
+  the bytes written (the convention of shared/notes/gpu.md: about 3000 GB/s on an H100, 4300 GB/s on an H200).
 - matmul: ``torch.matmul`` of random 8192 x 8192 matrices (512 with --small) in bf16 and fp16,
   TFLOP/s = 2 n^3 / time.
 

@@ -159,6 +159,12 @@ def tables(results: dict) -> str:
             if (d := s.get(key))]
     out += ["## The demo model on the GPU vs the CPU (greedy, fp32)", ""] + _table(
         ["artifact", "tokens equal", "tokens", "first mismatch"], rows)
+    par = s.get("fp16_parity_llama_3_8b")
+    rows = [["Llama-3-8B", par.get("dtype", ""), str(par.get("ok")), _f(par.get("max_rel_diff"), 2, 100, "%"),
+             _f(par.get("rtol"), 0, 100, "%"), par.get("argmax_agree", "")]] if par else []
+    out += ["## kiln's logits against transformers' on the same seeded weights (prefill + teacher-forced decode)",
+            ""] + _table(["model", "dtype", "within tolerance", "largest difference / largest logit", "tolerance",
+                          "argmax equal (rows)"], rows)
     skipped = [n for n, p in parts.items() if "skipped" in (p.get("status") or {})]
     failed = [n for n, p in parts.items() if (p.get("status") or {}).get("rc") not in (0, None)]
     if skipped or failed:
