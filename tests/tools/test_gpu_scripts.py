@@ -90,6 +90,8 @@ def test_collect_keeps_failures_and_derives_the_bandwidth_fraction(tmp_path):
          "prefill_tokens_per_s": 9000.0}]})
     part("hf-m", 0, {"results": {"eager": {"decode_tokens_per_s": 50.0}}, "errors": {}})
     part("demo", 1, None, log="Traceback ...\nRuntimeError: boom")
+    part("parity-llama-3-8b", 0, {"ok": True, "dtype": "float16", "rtol": 0.02, "max_rel_diff_per_row": [0.004, 0.011],
+                                  "argmax_agree_per_row": [True, False], "decisive_rows": [True, False]})
     part("gemm", 0, {"shapes": [], "configs": [
         {"m": 4096, "n": 64, "k": 32, "ok": {"default": True, "w2x4": True, "k64": False},
          "tflops": {"default": 200.0, "w2x4": 250.0, "k64": 400.0}}], "lowbatch": [
@@ -121,6 +123,9 @@ def test_collect_keeps_failures_and_derives_the_bandwidth_fraction(tmp_path):
         "fastest_per_m": {"4": "mma"}, "LOW_BATCH": []}}
     assert "| cuda_wgmma.WgmmaConfig (gemm.py WGMMA_VARIANTS, fastest correct at m = 4096) | wait |" in md
     assert "Failed: demo." in md
+    assert results["summary"]["fp16_parity_llama_3_8b"] == {"ok": True, "dtype": "float16", "rtol": 0.02,
+                                                            "max_rel_diff": 0.011, "argmax_agree": "1/2"}
+    assert "| Llama-3-8B | float16 | True | 1.10% | 2% | 1/2 |" in md
 
 
 def test_merge_joins_the_calls_of_one_run_and_derives_the_summary_again(tmp_path):
