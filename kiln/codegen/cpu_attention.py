@@ -70,6 +70,29 @@ def vector_exp2(x, lanes: int):
     return T.Select(x < T.broadcast(T.float32(-126), lanes), T.broadcast(T.float32(0), lanes), poly * scale)
 
 
+def _head_vectors(D: int, lanes: int):  # noqa: N803 (head dim)
+    """Vectors along the head dimension: (width, vectors per head, float32 vector dtype, index ramp, broadcast);
+    width 1 (scalars) when ``D`` is not a multiple of the target's lanes."""
+    from tvm.script import tirx as T
+
+    vec = lanes if D % lanes == 0 else 1
+    if vec == 1:
+        return 1, D, "float32", (lambda base: base), (lambda x: x)
+    return vec, D // vec, f"float32x{vec}", (lambda base: T.ramp(base, 1, vec)), (lambda x: T.broadcast(x, vec))
+
+
+def _key_vectors(width: int):
+    """Vectors of ``width`` keys' scores: (index ramp, broadcast, max across, sum across)."""
+    from tvm.script import tirx as T
+
+    def across(op, *start):
+        return lambda v: T.call_llvm_pure_intrin(
+            "float32", T.llvm_lookup_intrinsic_id(f"llvm.vector.reduce.{op}.v{width}f32"), *start, v)
+
+    return (lambda base: T.ramp(base, 1, width)), (lambda x: T.broadcast(x, width)), across("fmax"), \
+        across("fadd", T.float32(0))
+
+
 def decode_shape(func: tirx.PrimFunc):
     """``(q heads, kv heads, head dim, page size, dtype)`` when ``func`` is TVM's CPU decode attention kernel
     (by its symbol and its buffers' shapes), else None."""
@@ -95,17 +118,8 @@ def decode_kernel(h_qo: int, h_kv: int, D: int, page: int, dtype: str, lanes: in
     from tvm.script import tirx as T
 
     group = h_qo // h_kv
-    vec = lanes if D % lanes == 0 else 1
-    chunks = D // vec
-    f32v = "float32" if vec == 1 else f"float32x{vec}"
-    ramp = (lambda base: base) if vec == 1 else (lambda base: T.ramp(base, 1, vec))
-    bcast = (lambda x: x) if vec == 1 else (lambda x: T.broadcast(x, vec))
-    kpage = lambda base: T.ramp(base, 1, page)  # noqa: E731 (a page of scores)
-    kfill = lambda x: T.broadcast(x, page)  # noqa: E731
-    kmax = lambda v: T.call_llvm_pure_intrin(  # noqa: E731
-        "float32", T.llvm_lookup_intrinsic_id(f"llvm.vector.reduce.fmax.v{page}f32"), v)
-    ksum = lambda v: T.call_llvm_pure_intrin(  # noqa: E731
-        "float32", T.llvm_lookup_intrinsic_id(f"llvm.vector.reduce.fadd.v{page}f32"), T.float32(0), v)
+    vec, chunks, f32v, ramp, bcast = _head_vectors(D, lanes)
+    kpage, kfill, kmax, ksum = _key_vectors(page)  # a page of scores
 
     @T.prim_func(s_tir=True)
     def batch_decode_paged_kv(Q_handle: T.handle, pages_handle: T.handle, page_table_indptr_handle: T.handle,  # noqa: N803
@@ -225,17 +239,8 @@ def prefill_kernel(h_qo: int, h_kv: int, D: int, dtype: str, lanes: int):  # noq
     group, kb = h_qo // h_kv, lanes
     QB, RB = QUERY_BLOCK, ROW_BLOCK  # noqa: N806
     rows = (QB * group + RB - 1) // RB * RB  # a task's query rows (query x head), padded to the row block
-    vec = lanes if D % lanes == 0 else 1
-    chunks = D // vec
-    f32v = "float32" if vec == 1 else f"float32x{vec}"
-    dramp = (lambda base: base) if vec == 1 else (lambda base: T.ramp(base, 1, vec))
-    dbcast = (lambda x: x) if vec == 1 else (lambda x: T.broadcast(x, vec))
-    kramp = lambda base: T.ramp(base, 1, kb)  # noqa: E731
-    kbcast = lambda x: T.broadcast(x, kb)  # noqa: E731
-    fmax = lambda v: T.call_llvm_pure_intrin(  # noqa: E731
-        "float32", T.llvm_lookup_intrinsic_id(f"llvm.vector.reduce.fmax.v{kb}f32"), v)
-    fsum = lambda v: T.call_llvm_pure_intrin(  # noqa: E731
-        "float32", T.llvm_lookup_intrinsic_id(f"llvm.vector.reduce.fadd.v{kb}f32"), T.float32(0), v)
+    vec, chunks, f32v, dramp, dbcast = _head_vectors(D, lanes)
+    kramp, kbcast, fmax, fsum = _key_vectors(kb)
 
     @T.prim_func(s_tir=True)
     def batch_prefill_ragged_kv(var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle,
