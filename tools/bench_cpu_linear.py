@@ -2,7 +2,7 @@
 
     python tools/bench_cpu_linear.py [--shape 9728x896 896x4864 1152x896] [--rows 1 8 512] [--arch native]
                                      [--schedules kiln gemv rows panel] [--cpu-time]
-    python tools/bench_cpu_linear.py --quant rtn-w4g128 [--shape ...] [--rows ...]
+    python tools/bench_cpu_linear.py --quant w4a8 rtn-w4g128 [--shape ...] [--rows ...]
 
 Each shape ``NxK`` (W is [N, K], the model's [out, in]) is compiled once per schedule of
 kiln/codegen/cpu_schedule.py with a symbolic row count, the way a model's linears are: ``kiln`` is what a
@@ -11,9 +11,9 @@ count. Each is then called with each ``--rows`` count, the schedules taking turn
 GFLOP/s and weight bytes read per second, one JSON line per (shape, rows, schedule). The shapes default to
 the Qwen2.5-0.5B decoder's gate/up, down and fused q/k/v projections. ``TVM_NUM_THREADS`` sets the threads;
 ``--cpu-time`` times the calling thread's CPU time (with ``TVM_NUM_THREADS=1``: steadier on a busy machine).
-``--quant SCHEME`` times the fused quantized linear of that scheme instead (kiln/passes/quantize.py's emitter
-on RTN-packed random weights, built by kiln's CPU pipeline: schedule ``kiln`` only), reporting the packed
-weight bytes read per second.
+``--quant SCHEME ...`` times the fused quantized linears of those schemes instead, taking turns
+(kiln/passes/quantize.py's emitter on the scheme's packing of random weights, built by kiln's CPU pipeline:
+schedule ``kiln`` only), reporting the packed weight bytes read per second.
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ def main() -> None:
     ap.add_argument("--schedules", nargs="+", default=["kiln"], choices=["kiln", "gemv", "rows", "panel"])
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--cpu-time", action="store_true", help="the calling thread's CPU time instead of wall time")
-    ap.add_argument("--quant", default=None, help="time this scheme's fused quantized linear (rtn-w4g128, w4a8, ...)")
+    ap.add_argument("--quant", nargs="+", default=None,
+                    help="time these schemes' fused quantized linears (rtn-w4g128, w4a8, ...), taking turns")
     args = ap.parse_args()
     if args.quant:
         return bench_quant(args)
@@ -137,22 +138,26 @@ def bench_quant(args) -> None:
     rng = np.random.default_rng(0)
     for shape in args.shape:
         n, k = (int(v) for v in shape.split("x"))
-        mod, parts, packed_bytes = quant_linear(n, k, args.quant, rng)
-        vm = relax.VirtualMachine(kiln_build(mod, resolve_target("cpu", args.arch)), dev)
-        weights = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in parts.values()]
+        built = {}  # scheme -> (vm, weight tensors, packed bytes)
+        for scheme in args.quant:
+            mod, parts, packed_bytes = quant_linear(n, k, scheme, rng)
+            built[scheme] = (relax.VirtualMachine(kiln_build(mod, resolve_target("cpu", args.arch)), dev),
+                             [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in parts.values()], packed_bytes)
         for m in args.rows:
             x = tvm.runtime.tensor(rng.standard_normal((m, k)).astype("float32"), dev)
-            vm["main"](x, *weights)
-            times = []
-            for _ in range(args.repeats):
-                t = clock()
+            times = {scheme: [] for scheme in built}
+            for vm, weights, _ in built.values():
                 vm["main"](x, *weights)
-                times.append(clock() - t)
-            sec = statistics.median(times)
-            print(json.dumps({"shape": shape, "rows": m, "quant": args.quant, "ms": round(sec * 1e3, 3),
-                              "gflops": round(2 * m * n * k / sec / 1e9, 1),
-                              "packed_gbs": round(packed_bytes / sec / 1e9, 2)}), flush=True)
-
+            for _ in range(args.repeats):  # the schemes take turns, so a noisy moment hits them alike
+                for scheme, (vm, weights, _) in built.items():
+                    t = clock()
+                    vm["main"](x, *weights)
+                    times[scheme].append(clock() - t)
+            for scheme, (_, _, packed_bytes) in built.items():
+                sec = statistics.median(times[scheme])
+                print(json.dumps({"shape": shape, "rows": m, "quant": scheme, "ms": round(sec * 1e3, 3),
+                                  "gflops": round(2 * m * n * k / sec / 1e9, 1),
+                                  "packed_gbs": round(packed_bytes / sec / 1e9, 2)}), flush=True)
 
 if __name__ == "__main__":
     main()
