@@ -28,8 +28,8 @@ One row (decode) takes ``ONE_ROW`` blocks, more rows ``MANY_ROWS``.
 
 Two TVM 0.27 traps shape the TVMScript: a buffer in ``"local"`` scope, and every ``name = expr`` (a mutable
 one-element buffer), is allocated from the workspace pool once per task, not on the stack; so the accumulators
-are plain block buffers under 1 KB (stack) and named expressions are ``T.meta_var`` (measured: the gate/up
-projection of Qwen2.5-0.5B, one row, 0.33 -> 0.20 ms).
+are plain block buffers under 1 KB (stack) and named expressions are ``T.meta_var`` (before, ``perf`` put
+TVM's workspace alloc/free at about 10% of a w4a8 decode step of Qwen2.5-0.5B).
 
 Invariant: the replacement has the original PrimFunc's parameters and writes the same values (integer sums,
 the same float epilogue); a function that is not exactly kiln's w4a8 linear with 128-column groups, or a target
