@@ -91,7 +91,7 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
 
     from .codegen.build import build, export
     from .frontend import import_hf
-    from .passes.linears import apply_merges
+    from .passes.lib.linears import apply_merges
     from .passes.pipeline import Fusion, build_pipeline, run_pipeline
 
     report = CompileReport()
@@ -237,8 +237,8 @@ def _scheme_name(model_dir, config: CompileConfig, pre) -> str | None:
 
 def _quantize(imported, scheme, calib):
     """The scheme's weights (kiln/quant/schemes.py, or converted from a pre-quantized checkpoint) and IR
-    (kiln/passes/quantize.py), meeting in one layout."""
-    from .passes.quantize import packed_layout, quantize_linears
+    (kiln/passes/quantize_linears.py), meeting in one layout."""
+    from .passes.quantize_linears import packed_layout, quantize_linears
     from .quant.autoawq import from_autoawq
     from .quant.schemes import quantize_params, quantized_linears
 

@@ -12,7 +12,7 @@ GFLOP/s and weight bytes read per second, one JSON line per (shape, rows, schedu
 the Qwen2.5-0.5B decoder's gate/up, down and fused q/k/v projections. ``TVM_NUM_THREADS`` sets the threads;
 ``--cpu-time`` times the calling thread's CPU time (with ``TVM_NUM_THREADS=1``: steadier on a busy machine).
 ``--quant SCHEME ...`` times the fused quantized linears of those schemes instead, taking turns
-(kiln/passes/quantize.py's emitter on the scheme's packing of random weights, built by kiln's CPU pipeline:
+(kiln/passes/quantize_linears.py's emitter on the scheme's packing of random weights, built by kiln's CPU pipeline:
 schedule ``kiln`` only), reporting the packed weight bytes read per second.
 """
 
@@ -65,7 +65,7 @@ def quant_linear(n: int, k: int, scheme: str, rng):
     import torch
 
     from kiln.ir.tvm import relax, tirx
-    from kiln.passes.quantize import emit_quantized_linear, mark_opaque
+    from kiln.passes.lib.quantized_linear import emit_quantized_linear, mark_opaque
     from kiln.quant.schemes import get_scheme, quantize_linear
 
     sch = get_scheme(scheme)

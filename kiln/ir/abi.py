@@ -35,7 +35,7 @@ ENTRY_POINTS: dict[str, EntryPoint] = {
     )
 }
 
-# kiln's own paged KV cache (passes/paged_groups.py, runtime/kv_groups.py): models whose layers differ in
+# kiln's own paged KV cache (passes/lower_paged_groups.py, runtime/kv_groups.py): models whose layers differ in
 # KV lifetime (sliding windows, cross-layer sharing). One entry point serves prefill and decode alike;
 # the KV state is a block pool plus the page tables and slots of the step (ir/paged_kernels.py).
 GROUPED_PAGE_SIZE = 16  # tokens per block, compiled into the kernels

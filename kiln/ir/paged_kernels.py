@@ -1,4 +1,4 @@
-"""TIR kernels of kiln's own paged KV cache (the grouped form of kiln/passes/paged_groups.py).
+"""TIR kernels of kiln's own paged KV cache (the grouped form of kiln/passes/lower_paged_groups.py).
 
 Storage: one pool of blocks shared by every KV-owning layer, ``pool[num_blocks, 2, kv_heads, P, head_dim]``;
 a block holds ``P`` consecutive tokens' K (index 0) and V (index 1) of *one* layer. The runtime's page

@@ -14,7 +14,7 @@ Activations of w4a8/w8a8 are quantized per token by ``quantize_per_token`` (symm
 input; the GEMM multiplies int8 by int8 into an int32 accumulator and applies ``s_x[i] * s_c[o]`` in
 its epilogue.
 
-kiln/passes/quantize.py emits the plain form: ``dequantize_weight_only`` (or ``dequantize_w4a8``) makes the
+kiln/passes/quantize_linears.py emits the plain form: ``dequantize_weight_only`` (or ``dequantize_w4a8``) makes the
 whole weight, then an ordinary matmul (or ``w8a8_matmul``) reads it. kiln/passes/fuse_dequant_matmul.py
 turns each such pair into ``weight_only_matmul`` (or ``w4a8_matmul``), which dequantizes inside the
 kernel, a tile of output channels at a time, so no full-precision weight is materialised (``--no-fuse``

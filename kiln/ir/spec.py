@@ -117,7 +117,7 @@ class ModelSpec:
     @property
     def grouped_kv(self) -> bool:
         """Whether the layers keep KV differently (a sliding window, or shared KV): such a model is served
-        by kiln's grouped KV cache (passes/paged_groups.py, runtime/kv_groups.py), not TVM's."""
+        by kiln's grouped KV cache (passes/lower_paged_groups.py, runtime/kv_groups.py), not TVM's."""
         return "sliding" in self.layer_types or any(src != i for i, src in enumerate(self.kv_sources))
 
     @property

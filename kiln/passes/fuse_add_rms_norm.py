@@ -13,7 +13,7 @@ it whole. Invariant: ``s`` and ``h`` hold the same values as before (to float ro
 from __future__ import annotations
 
 from ..ir.tvm import IRModule, relax, te, tirx
-from .linears import rewrite_forward
+from .lib.linears import rewrite_forward
 
 
 def add_rms_norm_te(x: te.Tensor, y: te.Tensor, w: te.Tensor, eps: float):

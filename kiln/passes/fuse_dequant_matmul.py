@@ -1,6 +1,6 @@
 """Move each quantized weight's dequantization into the product that reads it.
 
-Matches, in the quantized reference form (kiln/passes/quantize.py's plain form), a dequantization kernel
+Matches, in the quantized reference form (kiln/passes/quantize_linears.py's plain form), a dequantization kernel
 whose only reader is one product over packed parameters:
 
     W' = dequantize_weight_only(qw, scales, zeros);  y = matmul(x, permute_dims(W'))
@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from ..errors import PassError
 from ..ir.tvm import IRModule, relax
-from .linears import Layout, Merge, rewrite_forward
-from .quantize import emit_int8_linear, emit_quantized_linear
+from .lib.linears import Layout, Merge, rewrite_forward
+from .lib.quantized_linear import emit_int8_linear, emit_quantized_linear
 
 
 def _op(v) -> str:

@@ -17,7 +17,7 @@ Invariant: forward computes the same logits; the params tuple is the returned la
 from __future__ import annotations
 
 from ..ir.tvm import IRModule, relax
-from .linears import Layout, Merge, emit_linear, find_linears, merge_params, rewrite_forward
+from .lib.linears import Layout, Merge, emit_linear, find_linears, merge_params, rewrite_forward
 
 
 def fuse_gate_up(mod: IRModule, layout: Layout, group: int | None = None) -> tuple[IRModule, Layout, list[Merge]]:

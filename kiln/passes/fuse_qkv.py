@@ -17,7 +17,7 @@ tuple is the returned layout.
 from __future__ import annotations
 
 from ..ir.tvm import IRModule, relax
-from .linears import Layout, Merge, emit_linear, find_linears, merge_params, rewrite_forward
+from .lib.linears import Layout, Merge, emit_linear, find_linears, merge_params, rewrite_forward
 
 
 def fuse_qkv(mod: IRModule, layout: Layout, group: int | None = None) -> tuple[IRModule, Layout, list[Merge]]:

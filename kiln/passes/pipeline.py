@@ -16,9 +16,9 @@ from .fuse_add_rms_norm import fuse_add_rms_norm
 from .fuse_dequant_matmul import fuse_dequant_matmul
 from .fuse_gate_up import fuse_gate_up
 from .fuse_qkv import fuse_qkv
-from .linears import Layout, Merge
-from .paged_attention import lower_paged_attention
-from .paged_groups import lower_paged_groups, needs_groups
+from .lib.linears import Layout, Merge
+from .lower_paged_attention import lower_paged_attention
+from .lower_paged_groups import lower_paged_groups, needs_groups
 from .share_kv import share_kv
 
 

@@ -38,7 +38,7 @@ from ..errors import PassError
 from ..ir.attention import build_attention_function
 from ..ir.spec import RopeSpec
 from ..ir.tvm import IRModule, relax, tirx, tvm
-from .graph_view import ENTRY, GraphView, describe, op_name, rebuild, scalar_const, shape_of, with_entry
+from .lib.graph_view import ENTRY, GraphView, describe, op_name, rebuild, scalar_const, shape_of, with_entry
 
 # the sequence length at which view chains are replayed and RoPE tables checked: a prime, so that it is
 # never mistaken for a head count or a head dimension

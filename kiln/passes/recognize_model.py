@@ -29,7 +29,7 @@ from ..ir.abi import REFERENCE_ENTRY
 from ..ir.attention import is_attention
 from ..ir.spec import RopeSpec
 from ..ir.tvm import IRModule, relax, tirx, tvm
-from .graph_view import ENTRY, GraphView, describe, int_dims, op_name, shape_of, substitute
+from .lib.graph_view import ENTRY, GraphView, describe, int_dims, op_name, shape_of, substitute
 
 PASS = "recognize_model"
 _PASSTHROUGH = {"reshape", "astype"}  # (and the channel permutation of interleaved RoPE, see up())

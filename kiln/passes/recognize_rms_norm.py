@@ -16,7 +16,7 @@ untouched, and the dead pieces of each matched norm are removed.
 from __future__ import annotations
 
 from ..ir.tvm import IRModule, relax
-from .graph_view import GraphView, int_dims, op_name, rewrite_matches, scalar_const, shape_of
+from .lib.graph_view import GraphView, int_dims, op_name, rewrite_matches, scalar_const, shape_of
 
 
 def _strip_astype(g: GraphView, e):

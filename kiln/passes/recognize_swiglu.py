@@ -9,7 +9,7 @@ Invariant: the function computes the same values; nothing else changes.
 from __future__ import annotations
 
 from ..ir.tvm import IRModule, relax
-from .graph_view import GraphView, op_name, rewrite_matches
+from .lib.graph_view import GraphView, op_name, rewrite_matches
 
 
 def match_silu(g: GraphView, var):

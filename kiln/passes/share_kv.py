@@ -19,7 +19,7 @@ from ..errors import PassError
 from ..frontend.reference import KV_PARAMS
 from ..ir.attention import is_attention
 from ..ir.tvm import IRModule, relax
-from .linears import Layout, rewrite_forward
+from .lib.linears import Layout, rewrite_forward
 
 
 def share_kv(mod: IRModule, layout: Layout, kv_sources: tuple[int, ...]) -> tuple[IRModule, Layout]:

@@ -1,6 +1,6 @@
 """kiln's own page manager: KV memory per distinct KV owner, sliding-window pages freed as the window moves.
 
-For artifacts compiled by passes/paged_groups.py (a model with sliding-window layers or cross-layer
+For artifacts compiled by passes/lower_paged_groups.py (a model with sliding-window layers or cross-layer
 KV sharing). One pool of *blocks*, ``[num_blocks, 2, kv_heads, P, head_dim]``, is shared by every
 KV-owning layer; a block holds P tokens of one owner. Sharing layers own nothing. A sequence holds,
 per owner, a page table indexed by absolute page number (token t is in page t // P):

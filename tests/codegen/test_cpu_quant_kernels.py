@@ -4,7 +4,7 @@ tests/passes/test_quantize.py checks the TE computes of kiln/ir/quant_kernels.py
 lowering; what runs in an artifact is those computes after kiln's CPU pipeline (kiln/codegen/build.py),
 where ScheduleCPUMatmul (cpu_schedule.py) recognises the ``dequant_matmul`` / ``int_matmul`` blocks by
 name and tiles, rfactors, vectorizes and parallelizes them. Here each kernel is emitted into a small
-Relax module over a symbolic row count ``n``, as kiln/passes/quantize.py emits it (``emit_te``, kept
+Relax module over a symbolic row count ``n``, as kiln/passes/quantize_linears.py emits it (``emit_te``, kept
 opaque to FuseOps), compiled with ``kiln.codegen.build.build`` and run for n = 1 (decode), 7 and 33
 (prefill). Packed tensors come from random weights through formats.py's own quantize/pack functions.
 
@@ -50,7 +50,7 @@ def _module(scheme: str, parts: dict[str, np.ndarray], k: int = IN):
     kernels as kiln/passes/fuse_dequant_matmul.py emits them (through quantize.py's own emitter), marked
     opaque as the pass marks them."""
     from kiln.ir.tvm import relax, tirx
-    from kiln.passes.quantize import emit_quantized_linear, mark_opaque
+    from kiln.passes.lib.quantized_linear import emit_quantized_linear, mark_opaque
 
     n = tirx.Var("n", "int64")
     x = relax.Var("x", relax.TensorType((n, k), "float32"))

@@ -21,7 +21,7 @@ from kiln.passes.fuse_add_rms_norm import add_rms_norm_te, fuse_add_rms_norm
 from kiln.passes.fuse_dequant_matmul import fuse_dequant_matmul
 from kiln.passes.fuse_gate_up import fuse_gate_up
 from kiln.passes.fuse_qkv import fuse_qkv
-from kiln.passes.linears import Merge, apply_merges
+from kiln.passes.lib.linears import Merge, apply_merges
 
 pytestmark = pytest.mark.cpu
 H, HQ, HKV, D, I = 16, 2, 1, 8, 24
@@ -131,7 +131,7 @@ W4_DTYPES = {"w.qweight": "int32", "w.zeros": "uint8", "w.group_scales": "uint8"
 
 
 def _opaque(mod: IRModule) -> IRModule:
-    from kiln.passes.quantize import mark_opaque
+    from kiln.passes.lib.quantized_linear import mark_opaque
     return relax.transform.DeadCodeElimination(["forward"])(mark_opaque(mod))
 
 
@@ -265,7 +265,7 @@ def _random(shape, dtype: str, g) -> torch.Tensor:
 
 @pytest.mark.parametrize("scheme", [None, "rtn-w4g128", "w4a8", "w8a8"])
 def test_fused_reference_form_computes_the_same_logits(scheme):
-    from kiln.passes.quantize import packed_layout, quantize_linears
+    from kiln.passes.quantize_linears import packed_layout, quantize_linears
     from kiln.quant.schemes import get_scheme, quantized_linears
 
     spec = SPEC if scheme is None else SPEC.replace(hidden_size=128, intermediate_size=128, head_dim=32)

@@ -13,7 +13,7 @@ from kiln.errors import PassError
 from kiln.frontend.reference import build_reference
 from kiln.ir.abi import ENTRY_POINTS
 from kiln.ir.spec import ModelSpec
-from kiln.passes.paged_attention import KV_ATTENTION_BUILTIN
+from kiln.passes.lib.serving import KV_ATTENTION_BUILTIN
 from kiln.passes.pipeline import Fusion, Step, build_pipeline, run_pipeline
 
 pytestmark = pytest.mark.cpu

@@ -21,7 +21,7 @@ from kiln.frontend.graph import recognition_steps
 from kiln.frontend.torch_export import load_exported_program
 from kiln.ir.attention import is_attention
 from kiln.ir.tvm import Target, relax, tvm
-from kiln.passes.graph_view import op_name
+from kiln.passes.lib.graph_view import op_name
 from kiln.passes.recognize_model import recognize_model
 
 pytestmark = pytest.mark.cpu

@@ -83,7 +83,7 @@ def test_maps_the_pass_cannot_apply_are_refused():
 
 def test_the_paged_lowering_refuses_shared_kv_for_now(compiled):
     from kiln.codegen.targets import resolve_target
-    from kiln.passes.paged_attention import lower_paged_attention
+    from kiln.passes.lower_paged_attention import lower_paged_attention
 
     mod, _, _ = compiled
     no_windows = dataclasses.replace(SPEC, layer_types=("global",) * 13, sliding_window=None)

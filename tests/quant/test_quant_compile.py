@@ -1,6 +1,6 @@
 """`kiln compile --quant SCHEME`: the compiled artifact equals its dequantized reference.
 
-The demo model is quantized (weights: kiln/quant/schemes.py; IR: kiln/passes/quantize.py; kernels:
+The demo model is quantized (weights: kiln/quant/schemes.py; IR: kiln/passes/quantize_linears.py; kernels:
 kiln/ir/quant_kernels.py), compiled for the CPU and run through the runtime. Its logits must match
 transformers running the same model with every quantized linear's weight replaced by its dequantized
 value (``dequantize_linear``) — for the weight-only schemes to fp32 tolerance, for w4a8/w8a8 (whose

@@ -7,7 +7,7 @@ a sliding window's (Mistral semantics: absolute RoPE positions, each query sees 
 A 2-layer all-sliding model (W = 16, page 16) runs on TVM's paged cache created with
 support_sliding_window=1 and EnableSlidingWindowForSeq(seq, W, sink 0); every step's logits are compared
 with tests/mixattention_reference.py and the cache's free pages printed. (kiln lowers windows to its own
-grouped cache, passes/paged_groups.py; here the composites go to TVM's lowering with window -1, so that
+grouped cache, passes/lower_paged_groups.py; here the composites go to TVM's lowering with window -1, so that
 TVM's cache itself is asked to slide.)"""
 import os
 import sys

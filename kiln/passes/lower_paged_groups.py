@@ -34,10 +34,10 @@ from ..ir.abi import GROUPED_ENTRY_POINTS, GROUPED_PAGE_SIZE
 from ..ir.attention import is_attention, rope_spec_of, rope_te
 from ..ir.paged_kernels import append_kernel, attention_kernel
 from ..ir.tvm import IRModule, Target, relax, tirx, tvm
-from .paged_attention import _Analysis, _Cloner, _embed_function, emit_serving_function, finish_serving
+from .lib.serving import Analysis, Cloner, emit_embed_function, emit_serving_function, finish_serving
 
 
-def _serving(cl: _Cloner, an: _Analysis, owners: list[int], target: Target) -> None:
+def _serving(cl: Cloner, an: Analysis, owners: list[int], target: Target) -> None:
     bb, P = cl.bb, GROUPED_PAGE_SIZE
     hq, hkv, d, dt = an.num_q_heads, an.num_kv_heads, an.head_dim, an.dtype
     b, blocks, maxp = (tirx.Var(x, "int64") for x in ("num_seqs", "num_blocks", "max_pages"))
@@ -96,14 +96,14 @@ class LowerPagedGroups:
         self.keep_reference = keep_reference
 
     def transform_module(self, mod: IRModule, _ctx) -> IRModule:
-        an = _Analysis(mod, grouped=True)
+        an = Analysis(mod, grouped=True)
         owners = sorted(a.layer_id for a in an.attentions if a.kv_source is None)
         for a in an.attentions:
             if a.kv_source is not None and (a.kv_source not in owners or a.kv_source >= a.layer_id):
                 raise PassError(f"paged_groups: layer {a.layer_id}'s KV source {a.kv_source} is not an earlier "
                                 "KV-owning layer")
-        cl = _Cloner(mod)
-        _embed_function(cl, an)
+        cl = Cloner(mod)
+        emit_embed_function(cl, an)
         _serving(cl, an, owners, self.target)
         return finish_serving(cl.bb.get(), GROUPED_ENTRY_POINTS, self.keep_reference)
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import PassError
-from ..ir.tvm import IRModule, PyExprMutator, mutator, relax
-from .quantize import emit_quantized_linear, mark_opaque
+from ...errors import PassError
+from ...ir.tvm import IRModule, PyExprMutator, mutator, relax
+from .quantized_linear import emit_quantized_linear, mark_opaque
 
 KERNEL_KINDS = {"dequant_matmul": "weight_only", "w4a8_matmul": "w4a8", "w8a8_matmul": "w8a8"}
 

@@ -23,8 +23,8 @@ untouched, so the fusion, paged-attention passes and codegen apply as before.
 from __future__ import annotations
 
 from ..errors import PassError
-from ..ir import quant_kernels as qk
 from ..ir.tvm import IRModule, PyExprMutator, mutator, relax
+from .lib.quantized_linear import emit_plain_linear, is_op, mark_opaque
 
 KINDS = ("weight_only", "w4a8", "w8a8")
 
@@ -104,13 +104,13 @@ def quantize_linears(mod: IRModule, layout: dict[str, tuple[tuple[int, ...], str
                                        for p in new_layout if p.startswith(name + ".")}
                         continue
                     new = bb.emit(relax.TupleGetItem(new_packed, index[name]), name_hint=b.var.name)
-                elif _is_op(v, "relax.permute_dims") and param_of.get(v.args[0]) in quantized:
+                elif is_op(v, "relax.permute_dims") and param_of.get(v.args[0]) in quantized:
                     transposed[b.var] = param_of[v.args[0]]
                     continue
-                elif _is_op(v, "relax.matmul") and v.args[1] in transposed:
+                elif is_op(v, "relax.matmul") and v.args[1] in transposed:
                     name = transposed[v.args[1]]
                     x = rw.visit_expr(v.args[0])
-                    new = _emit_plain_linear(bb, kind, v, x, parts[name], group, str(b.var.ty.dtype), act_quant,
+                    new = emit_plain_linear(bb, kind, v, x, parts[name], group, str(b.var.ty.dtype), act_quant,
                                              b.var.name)
                     rewritten += 1
                 else:
@@ -132,66 +132,3 @@ def quantize_linears(mod: IRModule, layout: dict[str, tuple[tuple[int, ...], str
         new_fwd = new_fwd.with_attr("global_symbol", fwd.attrs["global_symbol"])
     out[out.get_global_var("forward")] = new_fwd
     return out
-
-
-KERNELS = ("dequant_matmul", "quantize_per_token", "w4a8_matmul", "w8a8_matmul", "dequantize_weight_only",
-           "dequantize_w4a8")
-
-
-def mark_opaque(mod: IRModule) -> IRModule:
-    """kiln's quantized kernels kept whole by FuseOps: it would fuse them with their neighbours, and FuseTIR
-    then fails on a shared input ("Inconsistent buffers ... mapped to the same relax var", TVM 0.27); their
-    cast epilogue is inside already. A plain-form ``dequantize_*`` stays its own kernel, so ``--no-fuse``
-    really materialises the weight."""
-    return IRModule({gv: (f.with_attr("op_pattern", 8) if gv.name_hint.startswith(KERNELS) else f)
-                     for gv, f in mod.functions_items()}, attrs=mod.attrs)
-
-
-def _is_op(v, name: str) -> bool:
-    return isinstance(v, relax.Call) and getattr(v.op, "name", None) == name
-
-
-def _act_int8(bb, x, act_quant):
-    """``x``'s per-token int8 codes and scales, emitted once per input (kept in ``act_quant``)."""
-    if x not in act_quant:
-        act_quant[x] = bb.emit_te(qk.quantize_per_token, x, primfunc_name_hint="quantize_per_token",
-                                  name_hint="act_int8")
-    q = act_quant[x]
-    return bb.emit(relax.TupleGetItem(q, 0)), bb.emit(relax.TupleGetItem(q, 1))
-
-
-def _emit_plain_linear(bb, kind, matmul, x, p, group, out_dtype, act_quant, hint):
-    """The plain form of ``matmul`` (``x @ W^T``, output ``out_dtype``) on W's packed tensors ``p`` (by part name)."""
-    if kind == "weight_only":
-        w = bb.emit_te(qk.dequantize_weight_only, p["qweight"], p["scales"], p["zeros"], group=group,
-                       primfunc_name_hint="dequantize_weight_only", name_hint=hint + "_weight")
-        return bb.emit(relax.Call(matmul.op, [x, bb.emit(relax.op.permute_dims(w))], matmul.attrs), name_hint=hint)
-    x8, sx = _act_int8(bb, x, act_quant)
-    if kind == "w4a8":
-        w8 = bb.emit_te(qk.dequantize_w4a8, p["qweight"], p["group_scales"], p["zeros"], group=group,
-                        primfunc_name_hint="dequantize_w4a8", name_hint=hint + "_weight")
-    else:
-        w8 = p["qweight"]
-    return bb.emit_te(qk.w8a8_matmul, x8, sx, w8, p["channel_scales"], out_dtype=out_dtype,
-                      primfunc_name_hint="w8a8_matmul", name_hint=hint)
-
-
-def emit_quantized_linear(bb, kind, x, p, group, out_dtype, act_quant, hint):
-    """Emit ``x @ W^T`` on W's packed tensors ``p`` (by part name) in the fused form — the weight dequantized
-    inside the reduction — with the ``kind``'s kernel; for w4a8/w8a8 the per-token int8 quantization of ``x``
-    is emitted once per input and kept in ``act_quant``. Used by fuse_dequant_matmul and by the fusion passes
-    that re-emit merged linears (linears.py)."""
-    if kind == "weight_only":
-        return bb.emit_te(qk.weight_only_matmul, x, p["qweight"], p["scales"], p["zeros"], group=group,
-                          out_dtype=out_dtype, primfunc_name_hint="dequant_matmul", name_hint=hint)
-    x8, sx = _act_int8(bb, x, act_quant)
-    return emit_int8_linear(bb, kind, x8, sx, p, group, out_dtype, hint)
-
-
-def emit_int8_linear(bb, kind, x8, sx, p, group, out_dtype, hint):
-    """The fused w4a8 / w8a8 product of int8 activations ``(x8, sx)`` and W's packed tensors ``p``."""
-    if kind == "w4a8":
-        return bb.emit_te(qk.w4a8_matmul, x8, sx, p["qweight"], p["group_scales"], p["zeros"], p["channel_scales"],
-                          group=group, out_dtype=out_dtype, primfunc_name_hint="w4a8_matmul", name_hint=hint)
-    return bb.emit_te(qk.w8a8_matmul, x8, sx, p["qweight"], p["channel_scales"], out_dtype=out_dtype,
-                      primfunc_name_hint="w8a8_matmul", name_hint=hint)

@@ -15,8 +15,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from ..errors import PassError
-from ..ir.tvm import relax, tirx, tvm
+from ...errors import PassError
+from ...ir.tvm import relax, tirx, tvm
 
 ENTRY = "main"
 

@@ -1,42 +1,16 @@
-"""lower_paged_attention: reference form -> serving form on TVM's paged KV cache.
-
-Matches: a module whose ``forward(input_ids: [n] int32, params: Tuple) -> [n, V]`` (kiln/ir/abi.py
-REFERENCE_ENTRY) is in reference form: one dataflow body, the token ids used only by one
-``take(embed_weight, input_ids, axis=0)`` whose weight is a packed parameter, and every attention a
-call to a ``kiln.op = "attention"`` composite (kiln/ir/attention.py) with layer ids 0..L-1.
-
-Emits the artifact's serving entry points (kiln/ir/abi.py ENTRY_POINTS): ``embed``; ``prefill``,
-``decode``, ``batch_prefill``, ``batch_decode``, each a copy of ``forward`` in which the embedding
-is replaced by an input, every attention call by
-``vm.builtin.attention_kv_cache_attention_with_fused_qkv`` on the KV cache that is threaded through
-(RoPE, append and attention in one builtin), and, for the prefills, the rows whose logits are
-wanted gathered as early as the token-wise tail allows (before the final norm and lm_head); and
-``create_paged_kv_cache`` with the cache's TIR kernels for the target. ``forward`` and the
-composites are removed unless ``keep_reference``.
-
-Preconditions: run before LegalizeOps (the pass matches Relax ops, not TIR calls); the composites
-agree on head counts, head_dim and RoPE (one cache holds every layer).
-
-Rejected, with a PassError naming what did not match: no ``forward``; a ``forward`` with no
-attention composite; layer ids that are not exactly 0..L-1; composites that disagree on heads,
-head_dim or RoPE; head attributes that contradict the q/k/v shapes of the call; non-causal
-attention; a sliding window or a shared KV source (passes/paged_groups.py lowers those to kiln's
-grouped cache: TVM's keeps one page table for all layers); RoPE other than rotate-half; input ids used
-by anything but one embedding take.
-
-Invariant: for every sequence, the logits of ``prefill``/``decode`` (and of the batched entries,
-row for row) equal ``forward``'s logits at the same positions, within float rounding; after the
-pass no attention composite is called from a serving function.
+"""Building serving entry points from the reference form: the analysis of ``forward`` (its attention calls,
+embedding and token-wise tail), the cloner that copies it into each entry point with attention replaced,
+and the embedding function. Shared by lower_paged_attention and lower_paged_groups. Not a pass.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import PassError
-from ..ir.abi import ENTRY_POINTS, REFERENCE_ENTRY
-from ..ir.attention import is_attention
-from ..ir.tvm import IRModule, PyExprMutator, RopeMode, Target, TIRPagedKVCache, mutator, relax, te, tirx, tvm
+from ...errors import PassError
+from ...ir.abi import ENTRY_POINTS, REFERENCE_ENTRY
+from ...ir.attention import is_attention
+from ...ir.tvm import IRModule, PyExprMutator, mutator, relax, te, tirx, tvm
 
 KV_ATTENTION_BUILTIN = "vm.builtin.attention_kv_cache_attention_with_fused_qkv"
 _TOKENWISE_UNARY = {"relax.astype", "relax.nn.silu"}
@@ -49,7 +23,7 @@ def _attr(func, key):
 
 
 @dataclass
-class _Attention:
+class AttentionCall:
     var: relax.Var  # the binding's var in forward
     layer_id: int
     num_q_heads: int
@@ -60,7 +34,7 @@ class _Attention:
     kv_source: int | None = None  # share_kv: the layer whose K/V this one reads
 
 
-class _Analysis:
+class Analysis:
     """Locates the pieces of the reference form the rewrite needs; raises PassError if one is missing."""
 
     def __init__(self, mod: IRModule, grouped: bool = False):
@@ -115,7 +89,7 @@ class _Analysis:
             raise PassError("paged_attention: the embedding weight must be one of the packed parameters")
         return takes[0]
 
-    def _find_attentions(self) -> list[_Attention]:
+    def _find_attentions(self) -> list[AttentionCall]:
         found = []
         for b in self.bindings:
             v = b.value
@@ -135,7 +109,7 @@ class _Analysis:
                 if str(_attr(fn, "kiln.rope")) != "normal":
                     raise PassError(f"paged_attention: {v.op.name_hint} uses RoPE {_attr(fn, 'kiln.rope')!r}; "
                                     "only rotate-half ('normal') RoPE is supported")
-                found.append(_Attention(b.var, int(_attr(fn, "kiln.layer_id")), int(_attr(fn, "kiln.num_q_heads")),
+                found.append(AttentionCall(b.var, int(_attr(fn, "kiln.layer_id")), int(_attr(fn, "kiln.num_q_heads")),
                                         int(_attr(fn, "kiln.num_kv_heads")), int(_attr(fn, "kiln.head_dim")),
                                         float(_attr(fn, "kiln.sm_scale")), window, source))
                 self._check_operands(v, found[-1])
@@ -160,7 +134,7 @@ class _Analysis:
         return found
 
     @staticmethod
-    def _check_operands(call: relax.Call, a: _Attention) -> None:
+    def _check_operands(call: relax.Call, a: AttentionCall) -> None:
         """q must be [s, num_q_heads, head_dim] and k, v [s, num_kv_heads, head_dim]: the cache is sized
         from the attributes, the fused qkv from the operands."""
         want = ((a.num_q_heads, a.head_dim), (a.num_kv_heads, a.head_dim), (a.num_kv_heads, a.head_dim))
@@ -207,7 +181,7 @@ class _Analysis:
 
 
 @mutator
-class _Cloner(PyExprMutator):
+class Cloner(PyExprMutator):
     """Copies forward's bindings into a new function with fresh vars, some bindings replaced."""
 
     def __init__(self, mod: IRModule):
@@ -225,7 +199,7 @@ class _Cloner(PyExprMutator):
             self.set_var_remap(b.var, new)
 
 
-def _serving_function(cl: _Cloner, an: _Analysis, name: str) -> None:
+def emit_entry_function(cl: Cloner, an: Analysis, name: str) -> None:
     """One entry point on TVM's paged cache: every attention becomes the fused-qkv builtin on ``kv``."""
     kv = relax.Var("paged_kv_cache", relax.AnyType())
     bb = cl.bb
@@ -245,9 +219,9 @@ def _serving_function(cl: _Cloner, an: _Analysis, name: str) -> None:
     emit_serving_function(cl, an, name, ENTRY_POINTS[name], lambda n: [kv], attend, lambda: kv)
 
 
-def emit_serving_function(cl: _Cloner, an: _Analysis, name: str, entry, state_inputs, attend, state) -> None:
+def emit_serving_function(cl: Cloner, an: Analysis, name: str, entry, state_inputs, attend, state) -> None:
     """Copy ``forward`` into entry point ``name``: the embedding becomes an input, every attention
-    binding ``attend(cloner, binding, _Attention, n, values)``, the prefills gather the wanted rows as
+    binding ``attend(cloner, binding, AttentionCall, n, values)``, the prefills gather the wanted rows as
     early as the token-wise tail allows; ``state_inputs(n)`` (the KV state, ``n`` the step's token count)
     come between the step inputs and the params, and ``state()`` is returned next to the logits."""
     H, V_shape = an.hidden, an.ref.ret_ty.shape
@@ -333,7 +307,7 @@ def _fused_qkv(values: dict, args) -> relax.Var | None:
     return src if at == int(src.ty.shape[1]) else None
 
 
-def _embed_function(cl: _Cloner, an: _Analysis) -> None:
+def emit_embed_function(cl: Cloner, an: Analysis) -> None:
     n = tirx.Var("seq_len", "int64")
     ids = relax.Var("input_ids", relax.TensorType([n], "int32"))
     packed = relax.Var("params", an.packed.ty)
@@ -346,44 +320,6 @@ def _embed_function(cl: _Cloner, an: _Analysis) -> None:
         bb.emit_func_output(out)
 
 
-def _create_kv_function(cl: _Cloner, an: _Analysis, target: Target) -> None:
-    names = ENTRY_POINTS["create_paged_kv_cache"].inputs
-    svars = [tirx.Var(s.split(":")[0], "int64") for s in names]
-    params = [relax.Var(v.name + "_", relax.ShapeType([v])) for v in svars]
-    rope = an.kv_rope()
-    bb = cl.bb
-    with bb.function("create_paged_kv_cache", params, attrs={"num_input": len(params)}):
-        cache = TIRPagedKVCache(
-            attn_kind="mha", max_batch_size=svars[0], max_total_seq_len=svars[1], prefill_chunk_size=svars[2],
-            page_size=svars[3], support_sliding_window=svars[4],
-            layer_partition=relax.ShapeExpr([0, an.num_layers]), num_hidden_layers=an.num_layers,
-            num_attention_heads=an.num_q_heads, num_key_value_heads=an.num_kv_heads,
-            qk_head_dim=an.head_dim, v_head_dim=an.head_dim, mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
-            rope_mode=RopeMode.NORMAL, rope_scale=rope["scale"], rope_theta=rope["theta"],
-            rope_scaling=rope["scaling"], rope_ext_factors=relax.prim_value(0), rotary_dim=an.head_dim,
-            enable_disaggregation=False, dtype=an.dtype, target=target)
-        out = bb.emit(cache._expr, name_hint="paged_kv_cache")
-        bb.emit_func_output(out)
-
-
-@tvm.ir.transform.module_pass(opt_level=0, name="kiln.LowerPagedAttention")
-class LowerPagedAttention:
-    """Module pass; see the module docstring for what it matches, emits and rejects."""
-
-    def __init__(self, target: Target, keep_reference: bool = False):
-        self.target = target
-        self.keep_reference = keep_reference
-
-    def transform_module(self, mod: IRModule, _ctx) -> IRModule:
-        an = _Analysis(mod)
-        cl = _Cloner(mod)
-        _embed_function(cl, an)
-        for name in ("prefill", "decode", "batch_prefill", "batch_decode"):
-            _serving_function(cl, an, name)
-        _create_kv_function(cl, an, self.target)
-        return finish_serving(cl.bb.get(), ENTRY_POINTS, self.keep_reference)
-
-
 def finish_serving(out: IRModule, entries, keep_reference: bool) -> IRModule:
     """Drop ``forward`` (unless kept) and whatever the entry points no longer reach."""
     if not keep_reference:
@@ -392,5 +328,3 @@ def finish_serving(out: IRModule, entries, keep_reference: bool) -> IRModule:
     return relax.transform.DeadCodeElimination(list(entries) + ([REFERENCE_ENTRY.name] if keep_reference else []))(out)
 
 
-def lower_paged_attention(mod: IRModule, target: Target, keep_reference: bool = False) -> IRModule:
-    return LowerPagedAttention(target, keep_reference)(mod)

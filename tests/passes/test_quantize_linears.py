@@ -1,4 +1,4 @@
-"""kiln.passes.quantize + kiln/ir/quant_kernels.py: the quantized reference form against NumPy.
+"""kiln.passes.quantize_linears + kiln/ir/quant_kernels.py: the quantized reference form against NumPy.
 
 Random packed tensors in each layout (weight-only 4-bit, w4a8, w8a8) go into the rewritten ``forward``
 (compiled for llvm, run in-process), in the plain form the pass emits and after fuse_dequant_matmul; the
@@ -19,7 +19,7 @@ from kiln.ir import quant_kernels as qk
 from kiln.ir.spec import ModelSpec
 from kiln.ir.tvm import Target, relax, te, tirx, tvm
 from kiln.passes.fuse_dequant_matmul import fuse_dequant_matmul
-from kiln.passes.quantize import packed_layout, quantize_linears
+from kiln.passes.quantize_linears import packed_layout, quantize_linears
 
 pytestmark = pytest.mark.cpu
 G = 32

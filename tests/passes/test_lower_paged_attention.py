@@ -1,4 +1,4 @@
-"""kiln.passes.paged_attention: reference form -> serving form on TVM's paged KV cache.
+"""kiln.passes.lower_paged_attention: reference form -> serving form on TVM's paged KV cache.
 
 Structure of the output (the ABI of kiln/ir/abi.py), numerical equivalence of every serving entry
 point with the reference ``forward`` (compiled together with keep_reference=True and run in-process
@@ -17,7 +17,8 @@ from kiln.ir.attention import is_attention
 from kiln.ir.spec import ModelSpec, RopeSpec
 from kiln.ir.tvm import IRModule, Target, relax, tvm
 from kiln.ir.verify import verify_serving
-from kiln.passes.paged_attention import KV_ATTENTION_BUILTIN, lower_paged_attention
+from kiln.passes.lib.serving import KV_ATTENTION_BUILTIN
+from kiln.passes.lower_paged_attention import lower_paged_attention
 
 pytestmark = pytest.mark.cpu
 
