@@ -18,8 +18,9 @@ import torch
 import mixattention_reference as ref
 from kiln.errors import PassError
 from kiln.frontend.reference import build_reference, param_shapes
+from kiln.ir.attention import build_attention_function
 from kiln.ir.spec import ModelSpec
-from kiln.ir.tvm import Target, relax, tvm
+from kiln.ir.tvm import IRModule, Target, relax, tirx, tvm
 from kiln.passes.share_kv import share_kv
 
 pytestmark = pytest.mark.cpu
@@ -91,3 +92,67 @@ def test_the_paged_lowering_refuses_shared_kv_for_now(compiled):
     shared, _ = share_kv(build_reference(owners_only(no_windows)), layout, (0, 0) + tuple(range(2, 13)))
     with pytest.raises(PassError, match="attends to layer 0's KV"):
         lower_paged_attention(shared, resolve_target("cpu").tvm_target())
+
+
+# ------------------------------------------------------------------------------------------ Before/Expected
+
+TINY = ModelSpec("MixAttention", vocab_size=10, hidden_size=8, intermediate_size=8, num_layers=2, num_q_heads=2,
+                 num_kv_heads=1, head_dim=4, rms_norm_eps=1e-6, context_len=32)
+
+
+def _tiny_forward(kv_sources: tuple[int, ...]) -> tuple[IRModule, dict]:
+    """forward(input_ids, params): embed, per layer q/k/v/o linears around ``attention_L{i}``, lm_head tied to
+    the embedding. A layer with ``kv_sources[i] != i`` has no k/v projections and calls its composite on its
+    source's k, v, and the composite carries ``kiln.kv_source``."""
+    H, hq, hkv, d = TINY.hidden_size, TINY.num_q_heads, TINY.num_kv_heads, TINY.head_dim
+    shapes = {"embed_tokens": (TINY.vocab_size, H)}
+    for i, src in enumerate(kv_sources):
+        shapes[f"layers.{i}.q_proj"] = (hq * d, H)
+        if src == i:
+            shapes[f"layers.{i}.k_proj"], shapes[f"layers.{i}.v_proj"] = (hkv * d, H), (hkv * d, H)
+        shapes[f"layers.{i}.o_proj"] = (H, hq * d)
+    bb = relax.BlockBuilder()
+    gvs = [build_attention_function(bb, TINY, i) for i in range(len(kv_sources))]
+    n = tirx.Var("seq_len", "int64")
+    ids = relax.Var("input_ids", relax.TensorType([n], "int32"))
+    packed = relax.Var("params", relax.TupleType([relax.TensorType(list(s), "float32") for s in shapes.values()]))
+    with bb.function("forward", [ids, packed], attrs={"num_input": 1}):
+        with bb.dataflow():
+            w = {name: bb.emit(relax.TupleGetItem(packed, i)) for i, name in enumerate(shapes)}
+
+            def linear(x, name):
+                return bb.emit(relax.op.matmul(x, bb.emit(relax.op.permute_dims(w[name]))))
+
+            x = bb.emit(relax.op.take(w["embed_tokens"], ids, axis=0))
+            kv = {}
+            for i, src in enumerate(kv_sources):
+                p = f"layers.{i}."
+                q = bb.emit(relax.op.reshape(linear(x, p + "q_proj"), [n, hq, d]))
+                if src == i:
+                    kv[i] = (bb.emit(relax.op.reshape(linear(x, p + "k_proj"), [n, hkv, d])),
+                             bb.emit(relax.op.reshape(linear(x, p + "v_proj"), [n, hkv, d])))
+                o = bb.emit(relax.Call(gvs[i], [q, *kv[src]]))
+                x = bb.emit(relax.op.add(x, linear(bb.emit(relax.op.reshape(o, [n, hq * d])), p + "o_proj")))
+            out = bb.emit_output(linear(x, "embed_tokens"))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    for i, src in enumerate(kv_sources):
+        if src != i:
+            gv = mod.get_global_var(f"attention_L{i}")
+            mod[gv] = mod[gv].with_attr("kiln.kv_source", src)
+    return mod, {name: (s, "float32") for name, s in shapes.items()}
+
+
+def test_share_kv_before_expected():
+    before, layout = _tiny_forward((0, 1))
+    expected, expected_layout = _tiny_forward((0, 0))
+    got, got_layout = share_kv(before, layout, (0, 0))
+    assert relax.analysis.check_well_formed(got)
+    tvm.ir.assert_structural_equal(got, expected, map_free_vars=True)
+    assert got_layout == expected_layout
+    assert "layers.1.k_proj" not in got_layout and "layers.1.q_proj" in got_layout
+
+
+def test_share_kv_leaves_a_model_of_owners_alone():
+    before, layout = _tiny_forward((0, 1))
+    assert share_kv(before, layout, (0, 1)) == (before, layout)
