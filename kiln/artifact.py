@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +57,29 @@ def installed_tvm_versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[key] = "unknown"
     return out
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """How ``kiln compile`` made the artifact (the manifest's "options"); read by inspect and the runtime."""
+
+    dtype: str | None = None
+    context_len: int | None = None
+    quant: str | None = None  # the scheme's name; None: float weights
+    source: str | None = None  # the checkpoint's directory or file name
+    source_format: str = "hf"  # "hf", "autoawq", "torch.export", "onnx"
+    config_only: bool = False
+    max_batch_size: int | None = None  # the decode CUDA graphs' bound; None: no decode CUDA graphs
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "context_len": self.context_len, "quant": self.quant, "source": self.source,
+                "source_format": self.source_format, "config_only": self.config_only,
+                "max_batch_size": self.max_batch_size}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> CompileOptions:
+        """An older manifest may lack keys (or "options" altogether): they take the defaults."""
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
 @dataclass(frozen=True)
@@ -125,6 +151,43 @@ def write_manifest(path: Path, *, spec: ModelSpec, target: dict,
     }
     (path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def write_artifact(out: Path, *, write_library: Callable[[Path], None], params: dict[str, Any] | None,
+                   tokenizer_files: Iterable[Path], write_placeholder_tokenizer: Callable[[Path], None] | None,
+                   spec: ModelSpec, target: dict, param_layout: dict[str, tuple[tuple[int, ...], str]],
+                   options: CompileOptions) -> None:
+    """Write the artifact directory ``out`` atomically (built beside it, renamed over it at the end).
+
+    ``write_library(path)`` exports the compiled library (the caller holds TVM, this module does not);
+    ``params`` None: a config-only artifact, no weights. ``write_placeholder_tokenizer(dir)`` is given
+    when ``tokenizer_files`` is no real tokenizer; it writes one covering the vocabulary.
+    """
+    from safetensors.torch import save_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        write_library(tmp / LIBRARY)
+        if params is not None:
+            save_file(params, str(tmp / PARAMS))
+        for f in tokenizer_files:
+            shutil.copyfile(f, tmp / f.name)
+        if write_placeholder_tokenizer is not None:
+            write_placeholder_tokenizer(tmp)
+        write_manifest(tmp, spec=spec, target=target, param_layout=param_layout,
+                       weights="none" if params is None else "included",
+                       tokenizer="placeholder" if write_placeholder_tokenizer is not None else "included",
+                       options=options.to_json(), tvm_versions=installed_tvm_versions())
+        for f in tmp.iterdir():
+            f.chmod(0o644 if f.suffix != ".so" else 0o755)
+        tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be copied and shared
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def load_artifact(path: str | Path, verify: bool = True) -> Artifact:

@@ -13,7 +13,6 @@ by ``quantize_params``, and need no calibration; the IR is quantized as for ``--
 from __future__ import annotations
 
 import re
-import shutil
 import tempfile
 import time
 import traceback
@@ -22,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .artifact import LIBRARY, PARAMS, installed_tvm_versions, load_artifact, write_manifest
+from .artifact import CompileOptions, load_artifact, write_artifact
 from .errors import CompilerError, KilnError
 
 
@@ -145,37 +144,15 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
     lap("build")
 
     progress("writing the artifact")
-    from safetensors.torch import save_file
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    try:
-        export(ex, tmp / LIBRARY)
-        if params is not None:
-            save_file(params, str(tmp / PARAMS))
-        for f in imported.tokenizer_files:
-            shutil.copyfile(f, tmp / f.name)
-        if placeholder:
-            write_placeholder_tokenizer(spec, tmp)
-        write_manifest(tmp, spec=imported.spec, target=target.describe(), param_layout=layout,
-                       weights="none" if params is None else "included",
-                       tokenizer="placeholder" if placeholder else "included",
-                       options={"dtype": imported.spec.dtype, "context_len": imported.spec.context_len,
-                                "quant": scheme.name if scheme else None, "source": Path(model_dir).name,
-                                "source_format": pre.source_format if pre else
-                                GRAPH_SUFFIXES[Path(model_dir).suffix] if graph else "hf",
-                                "config_only": config.config_only,
-                                "max_batch_size": max_batch},  # None: no decode CUDA graphs
-                       tvm_versions=installed_tvm_versions())
-        for f in tmp.iterdir():
-            f.chmod(0o644 if f.suffix != ".so" else 0o755)
-        tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be copied and shared
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    options = CompileOptions(dtype=spec.dtype, context_len=spec.context_len, quant=scheme.name if scheme else None,
+                             source=Path(model_dir).name,
+                             source_format=pre.source_format if pre else
+                             GRAPH_SUFFIXES[Path(model_dir).suffix] if graph else "hf",
+                             config_only=config.config_only, max_batch_size=max_batch)
+    write_artifact(out, write_library=lambda path: export(ex, path), params=params,
+                   tokenizer_files=imported.tokenizer_files,
+                   write_placeholder_tokenizer=(lambda d: write_placeholder_tokenizer(spec, d)) if placeholder else None,
+                   spec=spec, target=target.describe(), param_layout=layout, options=options)
     lap("write")
     report.artifact_bytes = sum(load_artifact(out).file_sizes().values()) + (out / "manifest.json").stat().st_size
     return report
