@@ -17,7 +17,7 @@ from kiln.errors import PassError
 from kiln.frontend.reference import build_reference, param_shapes
 from kiln.ir import quant_kernels as qk
 from kiln.ir.spec import ModelSpec
-from kiln.ir.tvm import Target, relax, te, tirx, tvm
+from kiln.ir.tvm import IRModule, Target, relax, te, tirx, tvm
 from kiln.passes.fuse_dequant_matmul import fuse_dequant_matmul
 from kiln.passes.quantize_linears import packed_layout, quantize_linears
 
@@ -241,3 +241,85 @@ def test_weight_only_kernel_matches_the_numpy_reference(out_dtype):
     want = formats.reference_weight_only_matmul(x, pack(q), scales, zeros, group=G)
     np.testing.assert_allclose(y.numpy().astype("float32"), want, rtol=1e-5 if out_dtype == "float32" else 1e-3,
                                atol=1e-5 if out_dtype == "float32" else 1e-3)
+
+
+# ------------------------------------------------------------------------------------------ Before/Expected
+
+BE_H, BE_I, BE_G = 16, 8, 8
+BE_FLOAT = {"embed_tokens": (10, BE_H), "a": (BE_I, BE_H), "b": (BE_I, BE_H), "c": (BE_H, BE_I)}
+
+
+def _be_forward(layout: dict, body) -> IRModule:
+    """forward(input_ids: [n] int32, params) -> body(bb, x, w, out); x = take(embed_tokens, ids). ``body`` returns
+    the result's value; it is bound as the dataflow block's output."""
+    n = tirx.Var("n", "int64")
+    ids = relax.Var("input_ids", relax.TensorType([n], "int32"))
+    packed = relax.Var("params", relax.TupleType([relax.TensorType(list(s), dt) for s, dt in layout.values()]))
+    bb = relax.BlockBuilder()
+    with bb.function("forward", [ids, packed], attrs={"num_input": 1}):
+        with bb.dataflow():
+            w = {name: bb.emit(relax.TupleGetItem(packed, i)) for i, name in enumerate(layout)}
+            x = bb.emit(relax.op.take(w["embed_tokens"], ids, axis=0))
+            out = bb.emit_output(body(bb, x, w))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _be_before(bb, x, w):
+    """a and b read the same input (their activation is quantized once), c reads their product and stays float."""
+    ya = bb.emit(relax.op.matmul(x, bb.emit(relax.op.permute_dims(w["a"]))))
+    yb = bb.emit(relax.op.matmul(x, bb.emit(relax.op.permute_dims(w["b"]))))
+    y = bb.emit(relax.op.multiply(ya, yb))
+    return relax.op.matmul(y, bb.emit(relax.op.permute_dims(w["c"])))
+
+
+def _be_expected(kind):
+    def body(bb, x, w):
+        act = None
+        ys = []
+        for name in ("a", "b"):
+            if kind == "weight_only":
+                wd = bb.emit_te(qk.dequantize_weight_only, w[f"{name}.qweight"], w[f"{name}.scales"],
+                                w[f"{name}.zeros"], group=BE_G, primfunc_name_hint="dequantize_weight_only")
+                ys.append(bb.emit(relax.op.matmul(x, bb.emit(relax.op.permute_dims(wd)))))
+                continue
+            if act is None:  # once, before the first linear that reads x
+                act = bb.emit_te(qk.quantize_per_token, x, primfunc_name_hint="quantize_per_token")
+            x8, sx = bb.emit(relax.TupleGetItem(act, 0)), bb.emit(relax.TupleGetItem(act, 1))
+            if kind == "w4a8":
+                w8 = bb.emit_te(qk.dequantize_w4a8, w[f"{name}.qweight"], w[f"{name}.group_scales"],
+                                w[f"{name}.zeros"], group=BE_G, primfunc_name_hint="dequantize_w4a8")
+            else:
+                w8 = w[f"{name}.qweight"]
+            ys.append(bb.emit_te(qk.w8a8_matmul, x8, sx, w8, w[f"{name}.channel_scales"], out_dtype="float32",
+                                 primfunc_name_hint="w8a8_matmul"))
+        y = bb.emit(relax.op.multiply(*ys))
+        # the output binding is re-bound as a dataflow var, then returned through the block's output
+        return bb.emit(relax.op.matmul(y, bb.emit(relax.op.permute_dims(w["c"]))))
+    return body
+
+
+EXPECTED_PARTS = {  # packed parts of a [BE_I, BE_H] weight, group BE_G
+    "weight_only": {"qweight": ((BE_I, BE_H // 8), "int32"), "scales": ((BE_I, BE_H // BE_G), "float32"),
+                    "zeros": ((BE_I, BE_H // BE_G), "uint8")},
+    "w4a8": {"qweight": ((BE_I, BE_H // 8), "int32"), "group_scales": ((BE_I, BE_H // BE_G), "uint8"),
+             "zeros": ((BE_I, BE_H // BE_G), "uint8"), "channel_scales": ((BE_I,), "float32")},
+    "w8a8": {"qweight": ((BE_I, BE_H), "int8"), "channel_scales": ((BE_I,), "float32")},
+}
+
+
+@pytest.mark.parametrize("kind", ["weight_only", "w4a8", "w8a8"])
+def test_quantize_linears_before_expected(kind):
+    layout = {n: (s, "float32") for n, s in BE_FLOAT.items()}
+    got = quantize_linears(_be_forward(layout, _be_before), layout, {"a", "b"}, kind, group=BE_G)
+    assert relax.analysis.check_well_formed(got)
+    new_layout = {"embed_tokens": layout["embed_tokens"]}
+    for name in ("a", "b"):
+        new_layout.update({f"{name}.{p}": v for p, v in EXPECTED_PARTS[kind].items()})
+    new_layout["c"] = layout["c"]
+    assert packed_layout(layout, {"a", "b"}, kind, BE_G) == new_layout
+    want = _be_forward(new_layout, _be_expected(kind))
+    # kiln's quantized kernels are kept whole through FuseOps (op_pattern 8, kOpaque)
+    want = IRModule({gv: (f.with_attr("op_pattern", 8) if isinstance(f, tirx.PrimFunc) else f)
+                     for gv, f in want.functions_items()})
+    tvm.ir.assert_structural_equal(got, want, map_free_vars=True)
