@@ -88,7 +88,7 @@ def from_autoawq(params: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, 
     holds ``NAME.qweight`` / ``NAME.scales`` / ``NAME.zeros`` (formats.py, scales in the model dtype) in
     their place and everything else unchanged, in order — what ``quantize_params(.., "awq-w4g128", ..)``
     returns for a float model. Nothing is folded: AutoAWQ already folded its scales into the norms."""
-    from .schemes import linear_shapes
+    from .calibration import linear_shapes
 
     shapes = linear_shapes(spec)
     dtype = getattr(torch, spec.dtype)

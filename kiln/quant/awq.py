@@ -22,16 +22,12 @@ weight shapes, which also requires ``num_q_heads * head_dim == hidden_size``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from ..ir.spec import ModelSpec
+from .calibration import Calibration
 from .formats import from_groups, num_groups, pseudo_quantize, pseudo_quantize_groups, to_groups
 from .smooth import fold_scales, scale_groups
-
-if TYPE_CHECKING:
-    from .schemes import Calibration
 
 N_GRID = 20
 MAX_SHRINK = 0.5
@@ -92,7 +88,7 @@ def apply_clip(w: torch.Tensor, max_val: torch.Tensor, group: int) -> torch.Tens
 
 
 @torch.no_grad()
-def awq_layer(params: dict[str, torch.Tensor], spec: ModelSpec, layer: int, calib: "Calibration",
+def awq_layer(params: dict[str, torch.Tensor], spec: ModelSpec, layer: int, calib: Calibration,
               bits: int, group: int) -> dict[str, torch.Tensor]:
     """Run AWQ on decoder layer ``layer`` of ``params`` (float32; tensors are replaced in the dict,
     never modified in place): fold the searched scales, clip the weights. Returns the scales by the

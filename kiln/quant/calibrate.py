@@ -11,7 +11,7 @@ and splits into 512-token blocks; the defaults here are the same numbers.
 
 Statistics, per decoder linear (kiln names ``layers.{i}.q_proj`` ... ``layers.{i}.down_proj``), over
 all calibration tokens, from forward hooks on the float32 model on the CPU. q/k/v read one input, as
-do gate/up (``schemes.SHARED_INPUT``): the hook sits on the group's first linear and every key of the
+do gate/up (``calibration.SHARED_INPUT``): the hook sits on the group's first linear and every key of the
 group holds the same tensors, which ``Calibration.save`` stores once. Per linear:
 - ``mean_abs[in]``: mean |x| per input channel (AWQ's s_X, ``get_act_scale``);
 - ``max_abs[in]``: max |x| per input channel;
@@ -34,7 +34,7 @@ import numpy as np
 from ..errors import CheckpointError, KilnError
 from ..frontend.hf import load_spec
 from ..frontend.registry import ARCHITECTURES, Architecture
-from .schemes import MAX_SAMPLES, Calibration, input_key
+from .calibration import MAX_SAMPLES, Calibration, input_key
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "data" / "calibration.txt"
 _LINEAR = re.compile(r"layers\.\{i\}\.(\w+_proj)$")  # a decoder linear's kiln name template

@@ -15,14 +15,11 @@ AWQ picks ``s`` by a search (awq.py); smoothing (SmoothQuant, used by w8a8 and w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..ir.spec import ModelSpec
-
-if TYPE_CHECKING:
-    from .schemes import Calibration
+from .calibration import Calibration
 
 SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength for Llama-family models
 
@@ -84,7 +81,7 @@ def smoothquant_scales(act_max: torch.Tensor, weights: list[torch.Tensor], alpha
     return (act_max.float().pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
 
 
-def smooth_layer(params: dict[str, torch.Tensor], spec: ModelSpec, layer: int, calib: "Calibration",
+def smooth_layer(params: dict[str, torch.Tensor], spec: ModelSpec, layer: int, calib: Calibration,
                  alpha: float = SMOOTH_ALPHA) -> dict[str, torch.Tensor]:
     """Smooth the norm-fed groups of ``layer`` (q/k/v, gate/up) in ``params`` (float32, replaced
     in place in the dict). Returns the scales by ``prev`` name."""

@@ -6,7 +6,7 @@ import torch
 from kiln.ir.spec import ModelSpec
 from kiln.quant.awq import apply_clip, awq_layer, search_clip, search_scale
 from kiln.quant.formats import pseudo_quantize
-from kiln.quant.schemes import Calibration
+from kiln.quant.calibration import Calibration
 from kiln.quant.smooth import fold_scales, scale_groups, smooth_layer, smoothquant_scales
 
 

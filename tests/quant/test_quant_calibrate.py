@@ -16,7 +16,7 @@ from kiln.frontend.hf import load_spec
 from kiln.frontend.registry import ARCHITECTURES
 from kiln.quant.calibrate import (DEFAULT_DATA, CalibrateConfig, calibrate, choose_blocks, encode_text,
                                   linear_module_names, load_calibration, save_calibration)
-from kiln.quant.schemes import LINEARS
+from kiln.quant.calibration import LINEARS
 
 # 6 blocks of 128 tokens = 768 tokens: more than the 512 sample rows, so the rows are a subset
 CONFIG = CalibrateConfig(num_samples=6, seq_len=128, seed=0)

@@ -7,7 +7,7 @@ import torch
 
 from kiln.errors import KilnError
 from kiln.quant import SCHEMES, Calibration, dequantize_linear, quantize_params, quantized_linears
-from kiln.quant.schemes import input_key, linear_shapes
+from kiln.quant.calibration import input_key, linear_shapes
 from kiln.quant.smooth import smooth_layer
 
 from conftest import DEMO_MODEL
