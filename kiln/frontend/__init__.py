@@ -30,7 +30,8 @@ def import_hf(model_dir: str | Path, dtype: str | None = None, context_len: int 
     ``with_weights=False`` reads config.json alone: the parameter layout comes from the ModelSpec and
     no weight file is opened (a model shape can be compiled without its weights)."""
     from .hf import load_spec, load_weights, prequantized, tokenizer_files
-    from .reference import build_reference, param_shapes, shared_kv_params
+    from ..ir.spec import shared_kv_params
+    from .reference import build_reference, param_shapes
 
     model_dir = Path(model_dir)
     spec = load_spec(model_dir, dtype=dtype, context_len=context_len, kv_sources=kv_sources)
@@ -43,7 +44,7 @@ def import_hf(model_dir: str | Path, dtype: str | None = None, context_len: int 
         import torch
 
         # layers that share another layer's KV have no K/V weights to read (share_kv drops the placeholders)
-        unused = shared_kv_params(spec)
+        unused = shared_kv_params(spec.kv_sources)
         loaded = load_weights(model_dir, spec, {k: s for k, s in shapes.items() if k not in unused}, pre)
         params = {}
         for k in shapes:

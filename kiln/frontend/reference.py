@@ -40,15 +40,6 @@ def param_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-KV_PARAMS = ("k_proj", "v_proj", "k_bias", "v_bias", "k_norm")  # a layer's parameters that make its K/V
-
-
-def shared_kv_params(spec: ModelSpec) -> set[str]:
-    """The K/V parameters of layers that read another layer's KV (``spec.kv_sources``): the reference
-    form has them, passes/share_kv.py removes them, a checkpoint trained that way lacks them."""
-    return {f"layers.{i}.{p}" for i, src in enumerate(spec.kv_sources) if src != i for p in KV_PARAMS}
-
-
 def build_reference(spec: ModelSpec) -> IRModule:
     """Every layer owns its KV here: a model with cross-layer KV sharing (``spec.kv_sources``) is this
     form followed by passes/share_kv.py, which the compile pipeline applies. Each layer's attention has

@@ -14,6 +14,7 @@ from typing import Any
 DTYPES = ("float32", "float16", "bfloat16")
 ROPE_TYPES = ("default", "linear", "llama3")
 LAYER_TYPES = ("global", "sliding")
+KV_PARAMS = ("k_proj", "v_proj", "k_bias", "v_bias", "k_norm")  # a layer's parameters that make its K/V
 
 
 @dataclass(frozen=True)
@@ -168,3 +169,9 @@ class ModelSpec:
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
         d["layer_types"], d["kv_sources"] = tuple(d.get("layer_types", ())), tuple(d.get("kv_sources", ()))
         return cls(**d)
+
+
+def shared_kv_params(kv_sources: tuple[int, ...]) -> set[str]:
+    """The K/V parameters of layers that read another layer's KV (``ModelSpec.kv_sources``): the reference
+    form has them, passes/share_kv.py removes them, a checkpoint trained that way lacks them."""
+    return {f"layers.{i}.{p}" for i, src in enumerate(kv_sources) if src != i for p in KV_PARAMS}

@@ -16,8 +16,8 @@ sharing layers' K/V parameters).
 from __future__ import annotations
 
 from ..errors import PassError
-from ..frontend.reference import KV_PARAMS
 from ..ir.attention import is_attention
+from ..ir.spec import shared_kv_params
 from ..ir.tvm import IRModule, relax
 from .lib.linears import Layout, rewrite_forward
 
@@ -47,7 +47,7 @@ def share_kv(mod: IRModule, layout: Layout, kv_sources: tuple[int, ...]) -> tupl
         q, (k, v) = call.args[0], calls[src][1].args[1:]
         replace[var] = lambda bb, m, param, call=call, q=q, k=k, v=v: relax.Call(call.op, [m(q), m(k), m(v)])
         marked[call.op] = src
-    dropped = {f"layers.{i}.{p}" for i, src in enumerate(kv_sources) if src != i for p in KV_PARAMS}
+    dropped = shared_kv_params(kv_sources)
     new_layout = {n: s for n, s in layout.items() if n not in dropped and n.rsplit(".", 1)[0] not in dropped}
     # rewire first (the sharing layers' K/V computations become dead and go), then drop their parameters
     out = rewrite_forward(rewrite_forward(mod, layout, layout, replace), layout, new_layout, {})
