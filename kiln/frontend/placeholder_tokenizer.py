@@ -17,24 +17,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..byte_level import BYTE_CHARS
 from ..ir.spec import ModelSpec
 
 # The chat template of the placeholder: the messages' contents one after another.
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
-
-
-def _byte_level_chars() -> list[str]:
-    """The byte-level BPE alphabet in byte order: printable Latin-1 bytes stand for themselves, the
-    other 68 take the code points from 256 up (so the space is ``Ġ``)."""
-    keep = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
-    out, extra = [], 256
-    for b in range(256):
-        if b in keep:
-            out.append(chr(b))
-        else:
-            out.append(chr(extra))
-            extra += 1
-    return out
 
 
 def placeholder_vocab(spec: ModelSpec) -> tuple[dict[str, int], dict[str, str]]:
@@ -49,7 +36,7 @@ def placeholder_vocab(spec: ModelSpec) -> tuple[dict[str, int], dict[str, str]]:
             special[i] = "<|eos|>" if k == 0 else f"<|eos_{k}|>"
         if k == 0 and 0 <= i < V:
             named["eos_token"] = special[i]
-    byte_chars = iter(_byte_level_chars())
+    byte_chars = iter(BYTE_CHARS)
     vocab = {}
     for i in range(V):
         token = special.get(i) or next(byte_chars, None) or f"<|t{i}|>"

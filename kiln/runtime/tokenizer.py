@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 
+from ..byte_level import CHAR_BYTES
 from ..errors import ArtifactError
 
 
@@ -70,15 +71,14 @@ class Tokenizer:
         decoder = json.loads(self._tok.to_str()).get("decoder") or {}
         if decoder.get("type") != "ByteLevel":
             return None
-        to_byte = {c: b for b, c in _byte_level_chars().items()}
         special = self.special_token_ids
         table = []
         for i in range(self.vocab_size):
             piece = self._tok.id_to_token(i)
             if piece is None or (skip and i in special):
                 table.append(b"")
-            elif all(c in to_byte for c in piece):
-                table.append(bytes(to_byte[c] for c in piece))
+            elif all(c in CHAR_BYTES for c in piece):
+                table.append(bytes(CHAR_BYTES[c] for c in piece))
             else:  # an added token spelt outside the byte alphabet decodes as its own text
                 table.append(piece.encode())
         ids = [[i] for i in range(self.vocab_size)]
@@ -93,16 +93,3 @@ class Tokenizer:
         if isinstance(eos, dict):  # older configs store an AddedToken as a dict
             eos = eos.get("content")
         return self._tok.token_to_id(eos) if isinstance(eos, str) else None
-
-
-def _byte_level_chars() -> dict[int, str]:
-    """The byte-level BPE alphabet: each byte's printable stand-in. Bytes that are printable Latin-1
-    (``!``..``~``, ``¡``..``¬``, ``®``..``ÿ``) stand for themselves; the other 68 take the code points from
-    256 up, in byte order (so the space 0x20 is ``Ġ`` U+0120)."""
-    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    out, extra = {b: chr(b) for b in keep}, 256
-    for b in range(256):
-        if b not in out:
-            out[b] = chr(extra)
-            extra += 1
-    return out

@@ -34,6 +34,7 @@ from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
+from ..byte_level import CHAR_BYTES
 from ..errors import RequestError
 from ..runtime.chat_template import encode_chat, render_chat
 from ..runtime.engine import AsyncEngine, RequestStream
@@ -445,14 +446,6 @@ class _EventStream(StreamingResponse):
 # -- token strings for logprobs ----------------------------------------------------------------------
 
 
-def _byte_level_alphabet() -> dict[str, int]:
-    """GPT-2's byte-level BPE alphabet: the character each byte is written as in the vocabulary."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    moved = [b for b in range(256) if b not in keep]
-    return {**{chr(b): b for b in keep}, **{chr(256 + i): b for i, b in enumerate(moved)}}
-
-
-_BYTE_LEVEL = _byte_level_alphabet()
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
@@ -483,6 +476,6 @@ class _TokenStrings:
         if "\ufffd" in text:  # part of a character: read the bytes off the vocabulary entry
             if m := _BYTE_FALLBACK.fullmatch(piece):  # SentencePiece byte fallback
                 return [int(m.group(1), 16)]
-            if piece and all(c in _BYTE_LEVEL for c in piece):  # byte-level BPE
-                return [_BYTE_LEVEL[c] for c in piece]
+            if piece and all(c in CHAR_BYTES for c in piece):  # byte-level BPE
+                return [CHAR_BYTES[c] for c in piece]
         return list(text.encode())
