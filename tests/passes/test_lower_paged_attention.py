@@ -471,3 +471,123 @@ def test_rejects_legalized_module():
     mod = relax.transform.LegalizeOps()(build_reference(SPEC))
     with pytest.raises(PassError, match="did LegalizeOps run before this pass"):
         _lower(mod)
+
+
+# ------------------------------------------------------------------------------------------ Before/Expected
+
+BE = ModelSpec("LlamaForCausalLM", vocab_size=10, hidden_size=8, intermediate_size=8, num_layers=1, num_q_heads=2,
+               num_kv_heads=1, head_dim=4, rms_norm_eps=1e-6, context_len=32)
+BE_SHAPES = {"embed_tokens": (10, 8), "q_proj": (8, 8), "k_proj": (4, 8), "v_proj": (4, 8), "o_proj": (8, 8),
+             "final_norm": (8,)}
+BE_PARAMS = relax.TupleType([relax.TensorType(list(s), "float32") for s in BE_SHAPES.values()])
+
+
+def _be_layer(bb, x, w, n, attend):
+    """One layer on x [n, 8] with weights w: q/k/v linears, ``attend(q, k, v)``, o linear and residual add;
+    then the final norm. Returns (the residual stream after the layer, a function of it giving the logits)."""
+    def linear(x, name):
+        return bb.emit(relax.op.matmul(x, bb.emit(relax.op.permute_dims(w[name]))))
+
+    q = bb.emit(relax.op.reshape(linear(x, "q_proj"), [n, 2, 4]))
+    k = bb.emit(relax.op.reshape(linear(x, "k_proj"), [n, 1, 4]))
+    v = bb.emit(relax.op.reshape(linear(x, "v_proj"), [n, 1, 4]))
+    o = attend(q, k, v)
+    return bb.emit(relax.op.add(x, linear(bb.emit(relax.op.reshape(o, [n, 8])), "o_proj")))
+
+
+def _be_tail(bb, x, w):
+    h = bb.emit(relax.op.nn.rms_norm(x, w["final_norm"], axes=[-1], epsilon=1e-6))
+    return relax.op.matmul(h, bb.emit(relax.op.permute_dims(w["embed_tokens"])))  # tied lm_head
+
+
+def _be_before() -> IRModule:
+    """forward: embed, one GQA layer (2 q heads, 1 kv head, head_dim 4), final norm, tied lm_head."""
+    from kiln.ir.attention import build_attention_function
+
+    bb = relax.BlockBuilder()
+    gv = build_attention_function(bb, BE, 0)
+    n = tvm.tirx.Var("seq_len", "int64")
+    ids = relax.Var("input_ids", relax.TensorType([n], "int32"))
+    packed = relax.Var("params", BE_PARAMS)
+    with bb.function("forward", [ids, packed], attrs={"num_input": 1}):
+        with bb.dataflow():
+            w = {name: bb.emit(relax.TupleGetItem(packed, i)) for i, name in enumerate(BE_SHAPES)}
+            x = bb.emit(relax.op.take(w["embed_tokens"], ids, axis=0))
+            x = _be_layer(bb, x, w, n, lambda q, k, v: bb.emit(relax.Call(gv, [q, k, v])))
+            out = bb.emit_output(_be_tail(bb, x, w))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _be_expected(mod: IRModule) -> IRModule:
+    """The five serving functions and create_paged_kv_cache added to ``mod`` (new PrimFuncs are numbered after
+    the composites' ones, as in the pass's output); then forward and what only it reached dropped."""
+    from kiln.ir.tvm import RopeMode, TIRPagedKVCache, te
+
+    bb = relax.BlockBuilder(mod)
+    idx = relax.Var("input_ids", relax.TensorType([tvm.tirx.Var("seq_len", "int64")], "int32"))
+    packed = relax.Var("params", BE_PARAMS)
+    with bb.function("embed", [idx, packed], attrs={"num_input": 1}):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.take(bb.emit(relax.TupleGetItem(packed, 0)), idx, axis=0, mode="fast"))
+        bb.emit_func_output(out)
+
+    def serving(name, n, embed_shape, rows):
+        """``name``(embeds, [logit_positions,] kv, params): forward on the cache; the logits reshaped to ``rows``."""
+        embeds = relax.Var("input_embeds" if name.startswith("batch") else "input_embed",
+                           relax.TensorType(embed_shape, "float32"))
+        positions = relax.Var("logit_positions", relax.TensorType([rows[1]], "int32"))
+        kv = relax.Var("paged_kv_cache", relax.AnyType())
+        packed = relax.Var("params", BE_PARAMS)
+        inputs = [embeds, positions, kv, packed] if name == "batch_prefill" else [embeds, kv, packed]
+        with bb.function(name, inputs, attrs={"num_input": len(inputs) - 1}):
+            with bb.dataflow():
+                w = {nm: bb.emit(relax.TupleGetItem(packed, i)) for i, nm in enumerate(BE_SHAPES)}
+                x = bb.emit(relax.op.reshape(embeds, [n, 8]))
+
+                def attend(q, k, v):  # RoPE, append and attention in TVM's builtin, on q|k|v heads
+                    qkv = bb.emit(relax.op.concat([q, k, v], axis=1))
+                    return bb.emit(relax.call_dps_packed(
+                        "vm.builtin.attention_kv_cache_attention_with_fused_qkv",
+                        [kv, relax.prim_value(0), relax.prim_value(0.5), qkv],
+                        out_ty=relax.TensorType([n, 2, 4], "float32")))
+
+                x = _be_layer(bb, x, w, n, attend)
+                if name == "prefill":  # the last token's row, before the token-wise tail
+                    x = bb.emit_te(lambda t: te.compute((1, t.shape[1]), lambda i, j: t[t.shape[0] - 1, j],
+                                                        name="last_row"), x, primfunc_name_hint="take_last_row")
+                elif name == "batch_prefill":  # the wanted rows
+                    x = bb.emit(relax.op.take(x, positions, axis=0))
+                logits = bb.emit(_be_tail(bb, x, w))
+                logits = bb.emit(relax.op.reshape(logits, rows))
+                out = bb.emit_output(relax.Tuple([logits, kv]))
+            bb.emit_func_output(out)
+
+    seq, batch, one = tvm.tirx.Var("seq_len", "int64"), tvm.tirx.Var("batch_size", "int64"), tvm.tirx.IntImm("int64", 1)
+    serving("prefill", seq, [1, seq, 8], [1, 1, 10])
+    serving("decode", one, [1, 1, 8], [1, 1, 10])
+    seq2, b = tvm.tirx.Var("seq_len", "int64"), tvm.tirx.Var("batch_size", "int64")
+    serving("batch_prefill", seq2, [1, seq2, 8], [1, b, 10])
+    serving("batch_decode", batch, [batch, 1, 8], [batch, 1, 10])
+
+    svars = [tvm.tirx.Var(s, "int64") for s in ("max_batch_size", "max_total_seq_len", "prefill_chunk_size",
+                                                "page_size", "support_sliding_window")]
+    with bb.function("create_paged_kv_cache", [relax.Var(v.name + "_", relax.ShapeType([v])) for v in svars],
+                     attrs={"num_input": 5}):
+        cache = TIRPagedKVCache(
+            attn_kind="mha", max_batch_size=svars[0], max_total_seq_len=svars[1], prefill_chunk_size=svars[2],
+            page_size=svars[3], support_sliding_window=svars[4], layer_partition=relax.ShapeExpr([0, 1]),
+            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, qk_head_dim=4, v_head_dim=4,
+            mla_original_qk_head_dim=0, mla_original_v_head_dim=0, rope_mode=RopeMode.NORMAL, rope_scale=1.0,
+            rope_theta=10000.0, rope_scaling={}, rope_ext_factors=relax.prim_value(0), rotary_dim=4,
+            enable_disaggregation=False, dtype="float32", target=_target())
+        bb.emit_func_output(bb.emit(cache._expr))
+    out = IRModule({gv: f for gv, f in bb.get().functions_items() if gv.name_hint != "forward"})
+    return relax.transform.DeadCodeElimination(list(ENTRY_POINTS))(out)
+
+
+def test_lower_paged_attention_before_expected():
+    mod = _be_before()
+    got = _lower(mod)
+    assert relax.analysis.check_well_formed(got)
+    tvm.ir.assert_structural_equal(got, _be_expected(mod), map_free_vars=True)
