@@ -15,6 +15,12 @@ Precondition: recognize_attention (and recognize_rms_norm, recognize_swiglu) ran
    ONNX exporter does, becomes a transposed parameter), the params packed in ``param_shapes`` order;
 3. reports the ModelSpec fields the graph determines and where each parameter comes from.
 
+A weight may serve several roles: an exporter that merges identical initializers gives the zero q/k/v
+biases or the all-ones norms of a freshly initialised model one tensor, and a tied lm_head reads the
+embedding. Each binding that reads a weight first gets its own copy of it (``_one_reader_per_weight``), so
+each role gets its own parameter under kiln's name (the same values), as for an unmerged export; an
+lm_head whose copy comes from the embedding is tied.
+
 Anything outside that structure fails with a PassError naming the node (kiln then knows it cannot size
 the KV cache or quantize the linears correctly). Inputs other than ``input_ids`` (the attention mask)
 must no longer be read. Invariant: ``forward`` computes the imported graph's logits for batch 1.
@@ -55,8 +61,9 @@ class RecognizedModel:
 
 
 class _Roles:
-    def __init__(self, g: GraphView, mod: IRModule):
+    def __init__(self, g: GraphView, mod: IRModule, source: dict):
         self.g, self.mod = g, mod
+        self.source = source  # a weight's copy -> the imported parameter it copies (_one_reader_per_weight)
         self.names: dict = {}  # weight var -> (kiln name, transposed)
         self.spec: dict = {}
 
@@ -207,7 +214,9 @@ class _Roles:
         if len(heads) != 1 or heads[0] is None:
             self.fail(norms[0], "the final norm does not feed one linear (lm_head)")
         head = heads[0]
-        self.spec["tie_word_embeddings"] = head.weight in self.names and self.names[head.weight][0] == "embed_tokens"
+        tied = self.source.get(head.weight, head.weight)
+        self.spec["tie_word_embeddings"] = any(self.source.get(w, w).same_as(tied) and n == "embed_tokens"
+                                               for w, (n, _) in self.names.items())
         if head.bias is not None:
             self.fail(head.out, "the lm_head has a bias")
         self.name(head.weight, "embed_tokens" if self.spec["tie_word_embeddings"] else "lm_head", head.transposed)
@@ -236,15 +245,37 @@ def _embedding(g: GraphView):
     return var, g.value[var].args[0], chain
 
 
+def _one_reader_per_weight(func: relax.Function) -> tuple[relax.Function, dict]:
+    """``func`` where each weight parameter is read by one binding: every further binding that reads it reads
+    a new parameter of the same name and type instead (appended to the parameters). Returns the function and
+    {copy: original}."""
+    num_input = int(func.attrs["num_input"])
+    weights = set(func.params[num_input:])
+    seen, source, bindings = set(), {}, []
+    for b in func.body.blocks[0].bindings:
+        fresh = {}
+        for v in relax.analysis.free_vars(b.value):
+            if v in weights and v in seen:
+                fresh[v] = relax.Var(v.name, v.ty)
+                source[fresh[v]] = v
+            seen.add(v)
+        bindings.append(relax.VarBinding(b.var, substitute(b.value, fresh)) if fresh else b)
+    if not source:
+        return func, source
+    body = relax.SeqExpr([relax.DataflowBlock(bindings)], func.body.body)
+    new = relax.Function([*func.params, *source], body, func.ret_ty, func.is_pure, func.attrs)
+    return new, source
+
+
 def recognize_model(mod: IRModule) -> RecognizedModel:
-    func = mod[ENTRY]
+    func, source = _one_reader_per_weight(mod[ENTRY])
     g = GraphView(func)
     attn = [(b.var, b.value) for b in g.bindings if isinstance(b.value, relax.Call) and
             isinstance(b.value.op, relax.GlobalVar) and is_attention(mod[b.value.op])]
     if not attn:
         raise PassError(f"{PASS}: no attention composite; run recognize_attention first")
     emb, emb_w, index_chain = _embedding(g)
-    roles = _Roles(g, mod)
+    roles = _Roles(g, mod, source)
     roles.name(emb_w, "embed_tokens")
     roles.find(attn)
     for inp in g.inputs[1:]:
@@ -252,6 +283,10 @@ def recognize_model(mod: IRModule) -> RecognizedModel:
         if users:
             raise PassError(f"{PASS}: the input {inp.name!r} is still read ({describe(users[0], g.value[users[0]])}); "
                             "kiln's attention needs no mask or positions")
+    for w in g.weights:  # a copy read outside any role (by shape_of, say) reads its value under a sibling's name
+        sibling = next((r for v, r in roles.names.items() if source.get(v, v).same_as(source.get(w, w))), None)
+        if w not in roles.names and sibling is not None:
+            roles.names[w] = sibling
     unnamed = [w.name for w in g.weights if g.users.get(w) and w not in roles.names]
     if unnamed:
         raise PassError(f"{PASS}: the weights {unnamed[:4]} have no role kiln recognises")
@@ -260,7 +295,9 @@ def recognize_model(mod: IRModule) -> RecognizedModel:
             raise PassError(f"{PASS}: {key} differs between layers")
 
     # the packed params, in the reference form's order (frontend/reference.py param_shapes)
-    by_name = {name: (w, tr) for w, (name, tr) in roles.names.items()}
+    by_name: dict = {}  # kiln name -> (the first weight var in that role, transposed); a tied lm_head's comes second
+    for w, (name, tr) in roles.names.items():
+        by_name.setdefault(name, (w, tr))
     order = ["embed_tokens"]
     for i in range(len(attn)):
         p = f"layers.{i}."
@@ -286,17 +323,20 @@ def recognize_model(mod: IRModule) -> RecognizedModel:
     remap: dict = {}
     with bb.function(REFERENCE_ENTRY.name, [ids, packed], attrs={"num_input": REFERENCE_ENTRY.num_input}):
         with bb.dataflow():
-            wvar = {}
+            wvar, read = {}, {}  # kiln name -> its parameter; the parameter as the graph reads it
             for i, n in enumerate(order):
                 w, tr = by_name[n]
-                wvar[w] = bb.emit(relax.TupleGetItem(packed, i), name_hint=n.replace(".", "_"))
-                remap[w] = bb.emit(relax.op.permute_dims(wvar[w])) if tr else wvar[w]
+                wvar[n] = bb.emit(relax.TupleGetItem(packed, i), name_hint=n.replace(".", "_"))
+                read[n] = bb.emit(relax.op.permute_dims(wvar[n])) if tr else wvar[n]
+            for w, (n, _) in roles.names.items():
+                remap[w] = read[n]
             for b in g.bindings:
                 v, value = b.var, b.value
                 if v in index_chain:
                     continue
                 if v.same_as(emb):
-                    remap[v] = bb.emit(relax.op.take(wvar[emb_w], ids, axis=0, mode="clip"), name_hint=v.name)
+                    remap[v] = bb.emit(relax.op.take(wvar["embed_tokens"], ids, axis=0, mode="clip"),
+                                       name_hint=v.name)
                     continue
                 if v not in g.token:
                     remap[v] = bb.emit(substitute(value, remap), name_hint=v.name)
