@@ -483,8 +483,8 @@ BE_PARAMS = relax.TupleType([relax.TensorType(list(s), "float32") for s in BE_SH
 
 
 def _be_layer(bb, x, w, n, attend):
-    """One layer on x [n, 8] with weights w: q/k/v linears, ``attend(q, k, v)``, o linear and residual add;
-    then the final norm. Returns (the residual stream after the layer, a function of it giving the logits)."""
+    """One layer on x [n, 8] with weights w: q/k/v linears, ``attend(q, k, v)``, o linear and residual add.
+    Returns the residual stream after the layer."""
     def linear(x, name):
         return bb.emit(relax.op.matmul(x, bb.emit(relax.op.permute_dims(w[name]))))
 
