@@ -17,11 +17,15 @@ import pytest
 import torch
 
 from kiln.errors import PassError
-from kiln.frontend.graph import recognition_steps
+from kiln.passes.recognize_attention import recognize_attention
+from kiln.passes.recognize_rms_norm import recognize_rms_norm
+from kiln.passes.recognize_swiglu import recognize_swiglu
 from kiln.frontend.torch_export import load_exported_program
-from kiln.ir.attention import is_attention
-from kiln.ir.tvm import Target, relax, tvm
+from kiln.ir.attention import build_attention_function, is_attention
+from kiln.ir.spec import ModelSpec, RopeSpec
+from kiln.ir.tvm import IRModule, Target, relax, tirx, tvm
 from kiln.passes.lib.graph_view import op_name
+from kiln.passes.recognize_attention import recognize_attention
 from kiln.passes.recognize_model import recognize_model
 
 pytestmark = pytest.mark.cpu
@@ -94,9 +98,8 @@ def imported(**kw):
 
 
 def recognise(mod, weights):
-    for _, step in recognition_steps(weights, 257, None):
-        mod = step(mod)
-    return mod
+    # the compile pipeline's recognition steps before recognize_model, in its order
+    return recognize_attention(recognize_swiglu(recognize_rms_norm(mod)), weights, 257, None)
 
 
 def run_main(mod, weights, ids):
@@ -189,3 +192,79 @@ def test_tiny_decoder_compiles_and_decodes_like_torch(rope, zoo, tmp_path, one_t
         for _ in range(24):
             tokens.append(int(model(torch.tensor([tokens]), None)[0, -1].argmax()))
     assert res.token_ids == tokens[len(prompt):]
+
+
+# ------------------------------------------------------------------------------------------ Before/Expected
+
+BE_V, BE_H, BE_HQ, BE_HKV, BE_D = 10, 8, 2, 1, 4  # head_dim 4: the scale 1/sqrt(4) is exact in float32
+BE_SPEC = ModelSpec("LlamaForCausalLM", vocab_size=BE_V, hidden_size=BE_H, intermediate_size=8, num_layers=1,
+                    num_q_heads=BE_HQ, num_kv_heads=BE_HKV, head_dim=BE_D, rms_norm_eps=1e-5, context_len=32)
+
+
+def _be_module(attend, composite: ModelSpec | None = None) -> IRModule:
+    """main(input_ids [1, s], attention_mask [1, s], emb, wq, wk, wv) -> attend(bb, s, q, k, v, gv): [1, s, HQ * D],
+    with q, k, v the projections [1, s, heads * D] of the embedded tokens and gv the attention composite of
+    layer 0 built from ``composite`` (None: no composite)."""
+    s = tirx.Var("s", "int64")
+    ids = relax.Var("input_ids", relax.TensorType([1, s], "int64"))
+    mask = relax.Var("attention_mask", relax.TensorType([1, s], "int64"))
+    w = {name: relax.Var(name, relax.TensorType(list(shape), "float32")) for name, shape in
+         (("emb", (BE_V, BE_H)), ("wq", (BE_HQ * BE_D, BE_H)), ("wk", (BE_HKV * BE_D, BE_H)),
+          ("wv", (BE_HKV * BE_D, BE_H)))}
+    bb = relax.BlockBuilder()
+    gv = None if composite is None else build_attention_function(bb, composite, 0)
+    with bb.function("main", [ids, mask, *w.values()], attrs={"num_input": 2}):
+        with bb.dataflow():
+            x = bb.emit(relax.op.take(w["emb"], ids, axis=0))  # [1, s, H]
+            q, k, v = (bb.emit(relax.op.matmul(x, bb.emit(relax.op.permute_dims(w[n])))) for n in ("wq", "wk", "wv"))
+            out = bb.emit_output(attend(bb, s, q, k, v, gv))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _be_exported_attention(bb, s, q, k, v, _gv):
+    """What transformers' Llama attention exports to: heads split and moved forward, rotate-half RoPE from
+    cos/sin tables of arange(s), the kv head repeated for GQA, scores scaled and masked with where(i >= j),
+    softmax, P @ V, heads merged back."""
+    f32 = "float32"
+
+    def heads(t, h):  # [1, s, h * D] -> [1, h, s, D]
+        return bb.emit(relax.op.permute_dims(bb.emit(relax.op.reshape(t, [1, s, h, BE_D])), [0, 2, 1, 3]))
+
+    t = bb.emit(relax.op.arange(0, s, 1, f32))
+    inv = relax.const(np.asarray(RopeSpec().inv_freq(BE_D), dtype=f32))
+    f = bb.emit(relax.op.multiply(bb.emit(relax.op.expand_dims(t, 1)), inv))  # [s, D/2]
+    f = bb.emit(relax.op.concat([f, f], axis=-1))  # [s, D]
+    cos, sin = bb.emit(relax.op.cos(f)), bb.emit(relax.op.sin(f))
+
+    def rope(x):
+        lo = bb.emit(relax.op.strided_slice(x, axes=[3], begin=[0], end=[BE_D // 2]))
+        hi = bb.emit(relax.op.strided_slice(x, axes=[3], begin=[BE_D // 2], end=[BE_D]))
+        rot = bb.emit(relax.op.concat([bb.emit(relax.op.negative(hi)), lo], axis=-1))
+        return bb.emit(relax.op.add(bb.emit(relax.op.multiply(x, cos)), bb.emit(relax.op.multiply(rot, sin))))
+
+    group = BE_HQ // BE_HKV
+    qh = rope(heads(q, BE_HQ))
+    kh = bb.emit(relax.op.repeat(rope(heads(k, BE_HKV)), group, axis=1))
+    vh = bb.emit(relax.op.repeat(heads(v, BE_HKV), group, axis=1))
+    scores = bb.emit(relax.op.matmul(qh, bb.emit(relax.op.permute_dims(kh, [0, 1, 3, 2]))))
+    scores = bb.emit(relax.op.multiply(scores, relax.const(0.5, f32)))
+    i = bb.emit(relax.op.arange(0, s, 1, "int64"))
+    allowed = bb.emit(relax.op.greater_equal(bb.emit(relax.op.expand_dims(i, 1)), bb.emit(relax.op.expand_dims(i, 0))))
+    scores = bb.emit(relax.op.where(allowed, scores, relax.const(float("-inf"), f32)))
+    o = bb.emit(relax.op.matmul(bb.emit(relax.op.nn.softmax(scores, axis=-1)), vh))  # [1, HQ, s, D]
+    o = bb.emit(relax.op.permute_dims(o, [0, 2, 1, 3]))
+    return relax.op.reshape(o, [1, s, BE_HQ * BE_D])
+
+
+def test_recognize_attention_before_expected():
+    def composite(bb, s, q, k, v, gv):  # the heads of each projection, the composite, the heads merged
+        q = bb.emit(relax.op.reshape(q, [s, BE_HQ, BE_D]))
+        k = bb.emit(relax.op.reshape(k, [s, BE_HKV, BE_D]))
+        v = bb.emit(relax.op.reshape(v, [s, BE_HKV, BE_D]))
+        o = bb.emit(relax.Call(gv, [q, k, v]))
+        return relax.op.reshape(o, [1, s, BE_HQ * BE_D])
+
+    got = recognize_attention(_be_module(_be_exported_attention), {})
+    assert relax.analysis.check_well_formed(got)
+    tvm.ir.assert_structural_equal(got, _be_module(composite, BE_SPEC), map_free_vars=True)
