@@ -83,38 +83,91 @@ class CompileOptions:
 
 
 @dataclass(frozen=True)
+class Manifest:
+    """manifest.json, parsed once by ``load_artifact``; ``to_json`` is the file's layout (unchanged since
+    the first artifact: keys added later have defaults here, so older artifacts still load)."""
+
+    abi_version: int
+    kiln_version: str
+    tvm_version: str
+    tvm_ffi_version: str
+    target: dict[str, Any]  # TargetSpec.describe(): {"name", "arch", ...}
+    spec: ModelSpec
+    param_names: tuple[str, ...]  # the packed order the library's entry points take
+    # name -> (shape, dtype), in param_names order; None: an older artifact, which records no shapes
+    param_shapes: dict[str, tuple[tuple[int, ...], str]] | None
+    weights: str  # one of WEIGHTS
+    tokenizer: str  # one of TOKENIZERS
+    options: CompileOptions
+    files: dict[str, str]  # file name -> sha256, every file but the manifest
+
+    def __post_init__(self):
+        assert self.weights in WEIGHTS and self.tokenizer in TOKENIZERS, (self.weights, self.tokenizer)
+        assert self.param_shapes is None or tuple(self.param_shapes) == self.param_names, "param_shapes' order"
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Manifest:
+        names = tuple(str(n) for n in d["param_names"])
+        shapes = d.get("param_shapes")
+        return cls(abi_version=d["abi_version"], kiln_version=d["kiln_version"], tvm_version=d["tvm_version"],
+                   tvm_ffi_version=d["tvm_ffi_version"], target=d["target"], spec=ModelSpec.from_json(d["spec"]),
+                   param_names=names,
+                   param_shapes=None if shapes is None else
+                   {n: (tuple(int(x) for x in shapes[n][0]), str(shapes[n][1])) for n in names},
+                   weights=d.get("weights", "included"), tokenizer=d.get("tokenizer", "included"),
+                   options=CompileOptions.from_json(d.get("options", {})), files=dict(d["files"]))
+
+    def to_json(self) -> dict[str, Any]:
+        assert self.param_shapes is not None, "kiln writes the parameter shapes"
+        return {
+            "format": FORMAT,
+            "abi_version": self.abi_version,
+            "kiln_version": self.kiln_version,
+            "tvm_version": self.tvm_version,
+            "tvm_ffi_version": self.tvm_ffi_version,
+            "target": self.target,
+            "spec": self.spec.to_json(),
+            "param_names": list(self.param_names),
+            "param_shapes": {name: [list(shape), dtype] for name, (shape, dtype) in self.param_shapes.items()},
+            "weights": self.weights,
+            "tokenizer": self.tokenizer,
+            "options": self.options.to_json(),
+            "files": self.files,
+        }
+
+
+@dataclass(frozen=True)
 class Artifact:
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
 
     @property
     def spec(self) -> ModelSpec:
-        return ModelSpec.from_json(self.manifest["spec"])
+        return self.manifest.spec
 
     @property
     def target(self) -> dict[str, Any]:
-        return self.manifest["target"]
+        return self.manifest.target
 
     @property
     def param_names(self) -> list[str]:
-        return list(self.manifest["param_names"])
+        return list(self.manifest.param_names)
 
     @property
     def param_layout(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Parameter name -> (shape, dtype), in the packed order the library's entry points take."""
-        shapes = self.manifest.get("param_shapes")
-        if shapes is None:
+        if self.manifest.param_shapes is None:
             raise ArtifactError(f"{self.path}'s manifest records no parameter shapes (an older artifact): "
                                 "recompile it with `kiln compile`")
-        return {name: (tuple(int(d) for d in shapes[name][0]), str(shapes[name][1])) for name in self.param_names}
+        return dict(self.manifest.param_shapes)
 
     @property
     def has_weights(self) -> bool:
-        return self.manifest.get("weights", "included") == "included"
+        return self.manifest.weights == "included"
 
     @property
     def placeholder_tokenizer(self) -> bool:
-        return self.manifest.get("tokenizer", "included") == "placeholder"
+        return self.manifest.tokenizer == "placeholder"
 
     @property
     def library(self) -> Path:
@@ -125,31 +178,20 @@ class Artifact:
         return self.path / PARAMS
 
     def file_sizes(self) -> dict[str, int]:
-        return {name: (self.path / name).stat().st_size for name in self.manifest["files"]}
+        return {name: (self.path / name).stat().st_size for name in self.manifest.files}
 
 
 def write_manifest(path: Path, *, spec: ModelSpec, target: dict,
                    param_layout: dict[str, tuple[tuple[int, ...], str]], weights: str, tokenizer: str,
-                   options: dict[str, Any], tvm_versions: dict[str, str]) -> dict[str, Any]:
-    assert weights in WEIGHTS and tokenizer in TOKENIZERS, (weights, tokenizer)
+                   options: CompileOptions, tvm_versions: dict[str, str]) -> Manifest:
+    """Write ``path``/manifest.json over the files already in ``path``."""
     files = sorted(p.name for p in path.iterdir() if p.is_file() and p.name != MANIFEST)
     assert (PARAMS in files) == (weights == "included"), f"{PARAMS} present: {PARAMS in files}, weights {weights}"
-    manifest = {
-        "format": FORMAT,
-        "abi_version": ABI_VERSION,
-        "kiln_version": __version__,
-        "tvm_version": tvm_versions["tvm"],
-        "tvm_ffi_version": tvm_versions["tvm_ffi"],
-        "target": target,
-        "spec": spec.to_json(),
-        "param_names": list(param_layout),
-        "param_shapes": {name: [list(shape), dtype] for name, (shape, dtype) in param_layout.items()},
-        "weights": weights,
-        "tokenizer": tokenizer,
-        "options": options,
-        "files": {name: sha256(path / name) for name in files},
-    }
-    (path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    manifest = Manifest(abi_version=ABI_VERSION, kiln_version=__version__, tvm_version=tvm_versions["tvm"],
+                        tvm_ffi_version=tvm_versions["tvm_ffi"], target=target, spec=spec,
+                        param_names=tuple(param_layout), param_shapes=dict(param_layout), weights=weights,
+                        tokenizer=tokenizer, options=options, files={name: sha256(path / name) for name in files})
+    (path / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
     return manifest
 
 
@@ -178,7 +220,7 @@ def write_artifact(out: Path, *, write_library: Callable[[Path], None], params: 
         write_manifest(tmp, spec=spec, target=target, param_layout=param_layout,
                        weights="none" if params is None else "included",
                        tokenizer="placeholder" if write_placeholder_tokenizer is not None else "included",
-                       options=options.to_json(), tvm_versions=installed_tvm_versions())
+                       options=options, tvm_versions=installed_tvm_versions())
         for f in tmp.iterdir():
             f.chmod(0o644 if f.suffix != ".so" else 0o755)
         tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be copied and shared
@@ -226,10 +268,6 @@ def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
             if sha256(f) != digest:
                 raise ArtifactError(f"{path}: {name} does not match its sha256 in the manifest (modified or corrupt)")
     try:
-        art = Artifact(path, manifest)
-        art.spec  # noqa: B018  (parse now, fail here rather than later)
-        if "param_shapes" in manifest:
-            art.param_layout  # noqa: B018
+        return Artifact(path, Manifest.from_json(manifest))
     except (KeyError, TypeError, ValueError, IndexError, AssertionError) as e:
         raise ArtifactError(f"{mpath} is malformed ({e})") from None
-    return art

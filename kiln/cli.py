@@ -162,8 +162,8 @@ def inspect(artifact, as_json, seq_len):
     seq_len = seq_len or spec.context_len
     sizes = art.file_sizes()
     info = {
-        "path": str(art.path), "kiln_version": art.manifest["kiln_version"],
-        "tvm_version": art.manifest["tvm_version"], "target": art.target, "spec": spec.to_json(),
+        "path": str(art.path), "kiln_version": art.manifest.kiln_version,
+        "tvm_version": art.manifest.tvm_version, "target": art.target, "spec": spec.to_json(),
         "num_params": len(art.param_names), "files": sizes, "total_bytes": sum(sizes.values()),
         "kv_bytes_per_token": spec.kv_bytes_per_token,
         # per attention group: its KV-owning layers and the bytes one token costs in each of them; a sliding
@@ -175,7 +175,7 @@ def inspect(artifact, as_json, seq_len):
         "kv_bytes_per_sequence": {"seq_len": seq_len, **spec.kv_bytes(seq_len)},
         "weights": "included" if art.has_weights else "none",
         "tokenizer": "placeholder" if art.placeholder_tokenizer else "included",
-        "quant": art.manifest.get("options", {}).get("quant"),
+        "quant": art.manifest.options.quant,
     }
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -205,7 +205,7 @@ def inspect(artifact, as_json, seq_len):
         click.echo(f"kv sharing  {sum(src != i for i, src in enumerate(spec.kv_sources))} layers attend to an "
                    f"earlier layer's KV: {', '.join(f'{i}->{s}' for i, s in enumerate(spec.kv_sources) if s != i)}")
     if info["quant"]:
-        src = art.manifest["options"].get("source_format", "hf")
+        src = art.manifest.options.source_format
         click.echo(f"quant       {info['quant']} (decoder linears; embedding and lm_head in {spec.dtype})"
                    f"{', from an AutoAWQ checkpoint' if src == 'autoawq' else ''}")
     if not art.has_weights:

@@ -78,7 +78,7 @@ def test_a_full_artifact_records_its_layout_too(zoo):
     from safetensors import safe_open
 
     a = load_artifact(zoo.artifact("llama", dtype="float32"))
-    assert a.has_weights and not a.placeholder_tokenizer and a.manifest["weights"] == "included"
+    assert a.has_weights and not a.placeholder_tokenizer and a.manifest.weights == "included"
     with safe_open(str(a.params_file), framework="pt") as f:
         stored = {k: (tuple(f.get_slice(k).get_shape()), "float32") for k in f.keys()}
     assert a.param_layout == stored

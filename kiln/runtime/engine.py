@@ -362,7 +362,7 @@ class Engine:
     def decode_graph_bound(self) -> int | None:
         """The largest decode batch the artifact's CUDA graphs are planned for; None where it has none
         (a CPU artifact, ``--no-cuda-graph``, a grouped-KV model)."""
-        bound = self.artifact.manifest.get("options", {}).get("max_batch_size")
+        bound = self.artifact.manifest.options.max_batch_size
         return bound if self.runner.device == "cuda" else None
 
     def capture_decode_graphs(self, sizes=None) -> list[int]:

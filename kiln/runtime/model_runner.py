@@ -161,7 +161,7 @@ class ModelRunner:
         cfg = kv_config or KVCacheConfig.for_model(self.spec.context_len, self.spec.kv_bytes_per_token)
         if cfg.prefill_chunk_size > cfg.max_total_tokens:
             raise KilnError("prefill_chunk_size must not exceed the KV cache's max_total_tokens")
-        bound = artifact.manifest.get("options", {}).get("max_batch_size")
+        bound = artifact.manifest.options.max_batch_size
         if bound is not None and cfg.max_num_seqs > bound:  # its decode graphs' buffers hold that many rows
             raise KilnError(f"{artifact.path} runs at most {bound} sequences per decode step (compiled with "
                             f"--max-batch-size {bound}); lower --max-num-seqs from {cfg.max_num_seqs}, or recompile")
@@ -176,7 +176,7 @@ class ModelRunner:
         self._keep = []
         for name, t in read_safetensors(self.artifact.params_file, names):
             self._keep.append(t.to("cuda") if self.device == "cuda" else t)
-        if "param_shapes" in self.artifact.manifest:
+        if self.artifact.manifest.param_shapes is not None:
             for (name, (shape, dtype)), t in zip(self.artifact.param_layout.items(), self._keep):
                 if tuple(t.shape) != shape or str(t.dtype).removeprefix("torch.") != dtype:
                     raise ArtifactError(f"{self.artifact.params_file}: {name} is {str(t.dtype)[6:]} {tuple(t.shape)}, "

@@ -96,12 +96,12 @@ def test_autoawq_checkpoint_matches_dequantized_transformers(awq_checkpoint, tmp
     art = tmp_path / "art"
     compile_model(path, art, CompileConfig(dtype=dtype))  # no --quant, no --calib: the checkpoint implies them
 
-    options = load_artifact(art).manifest["options"]
-    assert options["quant"] == "awq-w4g128" and options["source_format"] == "autoawq"
-    assert options["dtype"] == (dtype or "float16")  # by default the checkpoint's
+    options = load_artifact(art).manifest.options
+    assert options.quant == "awq-w4g128" and options.source_format == "autoawq"
+    assert options.dtype == (dtype or "float16")  # by default the checkpoint's
     params = unfuse_params(load_file(str(art / "params.safetensors")), load_artifact(art).spec)
     assert "layers.0.q_proj" not in params and params["layers.0.q_proj.qweight"].dtype == torch.int32
-    assert params["layers.0.q_proj.scales"].dtype == getattr(torch, options["dtype"])  # fp16 scales, cast
+    assert params["layers.0.q_proj.scales"].dtype == getattr(torch, options.dtype)  # fp16 scales, cast
     assert params["layers.1.down_proj.zeros"].shape == (128, 256 // GROUP)
 
     ids = torch.randint(3, VOCAB, (24,), generator=torch.Generator().manual_seed(1)).tolist()

@@ -93,7 +93,7 @@ def check_artifact(zoo, calibs, arch, scheme, dtype, fuse):
         opts["calib"] = calibs(arch)
     art = zoo.artifact(arch, **opts)
     spec = load_artifact(art).spec
-    assert load_artifact(art).manifest["options"]["quant"] == scheme  # never a silent float fallback
+    assert load_artifact(art).manifest.options.quant == scheme  # never a silent float fallback
     rng = np.random.default_rng(1)
     ids0, ids1 = (rng.integers(3, 320, size=PREFILL + DECODE).tolist() for _ in range(2))
     got0, got1 = run_artifact(art, ids0, ids1)

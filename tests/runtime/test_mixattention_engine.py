@@ -296,7 +296,7 @@ def test_cuda_build_holds_the_grouped_kernels_as_machine_code(tmp_path):
     art = load_artifact(tmp_path / "art")
     assert art.spec.grouped_kv
     # no decode entry point, so no decode graphs and no batch bound (codegen/cuda_graph.py)
-    assert art.manifest["options"]["max_batch_size"] is None
+    assert art.manifest.options.max_batch_size is None
     assert b"_cuda_graph_capture" not in lib
 
 
