@@ -25,7 +25,6 @@ from kiln.ir.attention import build_attention_function, is_attention
 from kiln.ir.spec import ModelSpec, RopeSpec
 from kiln.ir.tvm import IRModule, Target, relax, tirx, tvm
 from kiln.passes.lib.graph_view import op_name
-from kiln.passes.recognize_attention import recognize_attention
 from kiln.passes.recognize_model import recognize_model
 
 pytestmark = pytest.mark.cpu
