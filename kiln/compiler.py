@@ -48,114 +48,93 @@ class CompileReport:
     seconds: dict[str, float] = field(default_factory=dict)
     artifact_bytes: int = 0
 
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - t, 3)
+
 
 def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
                   progress: Callable[[str], None] = lambda s: None) -> CompileReport:
-    from .codegen.targets import resolve_target
-    from .frontend.graph import GRAPH_SUFFIXES, is_graph_file
-    from .frontend.hf import load_spec, prequantized, tokenizer_files
-    from .frontend.placeholder_tokenizer import write_placeholder_tokenizer
+    """Compile the model at ``model_dir`` (a Hugging Face checkpoint directory, or a .pt2/.onnx graph) into the
+    artifact directory ``out``. What the user gave is checked before the TVM compiler is imported."""
+    source, target, quant = _check(Path(model_dir), Path(out), config)
+    from .codegen.build import build, export
+    from .passes.pipeline import build_pipeline, run_pipeline
 
-    # Check what the user gave before importing the TVM compiler (seconds): bad input fails fast.
+    report, spec = CompileReport(), getattr(source, "spec", None)
+    steps = build_pipeline(target, spec, source=source, quant=quant, fuse=config.fuse,
+                           keep_reference=config.keep_reference)
+    with report.timed("passes"), _step("passes", model_dir):
+        model = run_pipeline(steps, None, config.dump_ir, lambda name: progress(f"step {name}"))
+    spec = model.spec
+    # the decode CUDA graphs' static memory is planned for this bound; none where there are no decode graphs (the
+    # CPU, --no-cuda-graph, and the grouped cache's serving form, which has no decode entry point)
+    max_batch = config.max_batch_size if target.name == "cuda" and config.cuda_graph and not spec.grouped_kv else None
+    progress(f"building for {target.name}{' ' + target.arch if target.arch else ''}")
+    with report.timed("build"), _step(f"build for {target.name}", model_dir):
+        ex = build(model.mod, target, max_batch_size=max_batch)
+    progress("writing the artifact")
+    options = CompileOptions(dtype=spec.dtype, context_len=spec.context_len, quant=quant.scheme.name if quant else None,
+                             source=Path(model_dir).name, source_format=source.source_format,
+                             config_only=config.config_only, max_batch_size=max_batch)
+    with report.timed("write"):
+        write_artifact(Path(out), write_library=lambda path: export(ex, path), params=model.params,
+                       tokenizer_files=model.tokenizer_files, write_placeholder_tokenizer=_placeholder(source, spec),
+                       spec=spec, target=target.describe(), param_layout=model.layout, options=options)
+    report.artifact_bytes = sum(load_artifact(out).file_sizes().values()) + (Path(out) / "manifest.json").stat().st_size
+    return report
+
+
+def _check(model_dir: Path, out: Path, config: CompileConfig):
+    """(the source, opened; the target; the quantization) — every check of the user's input that needs no TVM."""
+    from .codegen.targets import resolve_target
+    from .frontend import open_checkpoint
+    from .frontend.graph import is_graph_file, open_graph
+
     target = resolve_target(config.target, config.arch)
     if config.max_batch_size < 1:
         raise KilnError(f"--max-batch-size must be at least 1, got {config.max_batch_size}")
-    out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").exists())):
         raise KilnError(f"{out} exists and is not a kiln artifact; refusing to overwrite it")
-    graph = is_graph_file(model_dir)
-    if graph:
-        _check_graph_options(Path(model_dir), config)
-        pre = None
+    if is_graph_file(model_dir):
+        _check_graph_options(model_dir, config)
+        source = open_graph(model_dir, config.tokenizer, dtype=config.dtype, context_len=config.context_len)
     else:
         if config.tokenizer is not None:
             raise KilnError(f"--tokenizer is for .pt2/.onnx graphs; {model_dir} brings its own tokenizer")
-        load_spec(Path(model_dir), dtype=config.dtype, context_len=config.context_len, kv_sources=config.kv_sharing)
-        pre = prequantized(Path(model_dir))
+        placeholder = config.config_only and not (model_dir / "tokenizer.json").exists()
+        source = open_checkpoint(model_dir, dtype=config.dtype, context_len=config.context_len,
+                                 with_tokenizer=not placeholder, with_weights=not config.config_only,
+                                 kv_sources=config.kv_sharing)
+    return source, target, _quantization(model_dir, config, getattr(source, "prequantized", None))
+
+
+def _quantization(model_dir: Path, config: CompileConfig, pre):
+    """The scheme to compile with (--quant, or the one a pre-quantized checkpoint implies) and its calibration."""
     quant = _scheme_name(model_dir, config, pre)
-    scheme = calib = None
-    if quant is not None:
-        from .quant.calibrate import load_calibration
-        from .quant.schemes import get_scheme
+    if quant is None:
+        return None
+    from .passes.pipeline import Quantization
+    from .quant.calibrate import load_calibration
+    from .quant.schemes import get_scheme
 
-        scheme = get_scheme(quant)
-        if scheme.needs_calib and pre is None and config.calib is None and not config.config_only:
-            raise KilnError(f"--quant {scheme.name} needs activation statistics: run `kiln calibrate {model_dir} "
-                            f"-o CALIB` and pass --calib CALIB")
-        if config.calib is not None and not config.config_only:
-            calib = load_calibration(config.calib)[0]
-    placeholder = config.config_only and not (Path(model_dir) / "tokenizer.json").exists()
-    if not placeholder:
-        tokenizer_files(config.tokenizer if graph else Path(model_dir))
+    scheme = get_scheme(quant)
+    if scheme.needs_calib and pre is None and config.calib is None and not config.config_only:
+        raise KilnError(f"--quant {scheme.name} needs activation statistics: run `kiln calibrate {model_dir} "
+                        f"-o CALIB` and pass --calib CALIB")
+    calib = load_calibration(config.calib)[0] if config.calib is not None and not config.config_only else None
+    return Quantization(scheme, calib, pre)
 
-    from .codegen.build import build, export
-    from .frontend import import_hf
-    from .passes.lib.linears import apply_merges
-    from .passes.pipeline import Fusion, build_pipeline, run_pipeline
 
-    report = CompileReport()
-    t = time.perf_counter()
+def _placeholder(source, spec):
+    """A config-only checkpoint without a tokenizer gets a placeholder one covering the vocabulary."""
+    if getattr(source, "tokenizer_files", None):
+        return None
+    from .frontend.placeholder_tokenizer import write_placeholder_tokenizer
 
-    def lap(name):
-        nonlocal t
-        now = time.perf_counter()
-        report.seconds[name] = round(now - t, 3)
-        t = now
-
-    if graph:
-        from .frontend.graph import import_graph
-
-        progress("importing and recognising the graph")
-        imported = import_graph(model_dir, config.tokenizer, dtype=config.dtype, context_len=config.context_len,
-                                dump_dir=config.dump_ir)
-    else:
-        progress("importing the config (no weights)" if config.config_only else "importing the checkpoint")
-        imported = import_hf(model_dir, dtype=config.dtype, context_len=config.context_len,
-                             with_tokenizer=not placeholder, with_weights=not config.config_only,
-                             kv_sources=config.kv_sharing)
-    spec = imported.spec
-    layout, params, mod = imported.param_layout, imported.params, imported.mod
-    if scheme is not None:
-        progress(f"quantizing ({scheme.name})")
-        layout, params, mod = _quantize(imported, scheme, calib)
-    lap("import")
-    progress("running passes")
-    fusion = Fusion(layout, scheme.group_size if scheme else None)
-    with _step("passes", model_dir):
-        mod = run_pipeline(mod, build_pipeline(target, config.keep_reference, fusion, config.fuse, spec.kv_sources),
-                           config.dump_ir)
-    # the pass chose the cache from the IR (passes/paged_groups.needs_groups), the runtime will from the spec
-    from .ir.abi import entry_points
-
-    want = set(entry_points(spec.grouped_kv))
-    assert want <= {gv.name_hint for gv in mod.get_global_vars()}, f"serving form lacks {want}: the IR and the " \
-        "spec disagree on the KV cache"
-    # the fusion passes merged weights and share_kv dropped some: make them, in the new layout
-    layout = fusion.layout
-    params = apply_merges(params, layout, fusion.merges) if params is not None else None
-    lap("passes")
-    progress(f"building for {target.name}{' ' + target.arch if target.arch else ''}")
-    # the bound the decode graphs' static memory is planned for; none where there are no decode graphs (the
-    # CPU, --no-cuda-graph, and the grouped cache's serving form, which has no decode entry point)
-    max_batch = config.max_batch_size if target.name == "cuda" and config.cuda_graph and not spec.grouped_kv \
-        else None
-    with _step(f"build for {target.name}", model_dir):
-        ex = build(mod, target, max_batch_size=max_batch)
-    lap("build")
-
-    progress("writing the artifact")
-    options = CompileOptions(dtype=spec.dtype, context_len=spec.context_len, quant=scheme.name if scheme else None,
-                             source=Path(model_dir).name,
-                             source_format=pre.source_format if pre else
-                             GRAPH_SUFFIXES[Path(model_dir).suffix] if graph else "hf",
-                             config_only=config.config_only, max_batch_size=max_batch)
-    write_artifact(out, write_library=lambda path: export(ex, path), params=params,
-                   tokenizer_files=imported.tokenizer_files,
-                   write_placeholder_tokenizer=(lambda d: write_placeholder_tokenizer(spec, d)) if placeholder else None,
-                   spec=spec, target=target.describe(), param_layout=layout, options=options)
-    lap("write")
-    report.artifact_bytes = sum(load_artifact(out).file_sizes().values()) + (out / "manifest.json").stat().st_size
-    return report
+    return lambda d: write_placeholder_tokenizer(spec, d)
 
 
 @contextmanager
@@ -210,27 +189,3 @@ def _scheme_name(model_dir, config: CompileConfig, pre) -> str | None:
         raise KilnError(f"{model_dir} is already quantized as {pre.scheme} (source format {pre.source_format}): "
                         f"it needs no --calib")
     return pre.scheme
-
-
-def _quantize(imported, scheme, calib):
-    """The scheme's weights (kiln/quant/schemes.py, or converted from a pre-quantized checkpoint) and IR
-    (kiln/passes/quantize_linears.py), meeting in one layout."""
-    from .passes.quantize_linears import packed_layout, quantize_linears
-    from .quant.autoawq import from_autoawq
-    from .quant.schemes import quantize_params, quantized_linears
-
-    names = set(quantized_linears(imported.spec))
-    group = scheme.group_size or 1
-    params, dtypes = None, None
-    if imported.params is not None and imported.prequantized is not None:
-        assert imported.prequantized.source_format == "autoawq" and scheme.name == imported.prequantized.scheme
-        params = from_autoawq(imported.params, imported.spec)
-    elif imported.params is not None:
-        params = quantize_params(imported.params, imported.spec, scheme.name, calib)
-    if params is not None:
-        dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in params.items()}
-    layout = packed_layout(imported.param_layout, names, scheme.kind, group, dtypes)
-    mod = quantize_linears(imported.mod, imported.param_layout, names, scheme.kind, group, dtypes)
-    if params is not None:
-        params = {k: params[k].contiguous() for k in layout}  # the packed tuple's order
-    return layout, params, mod

@@ -1,12 +1,12 @@
 """A model graph on disk (``.pt2`` from torch.export, ``.onnx``) -> kiln's reference form, by recognition.
 
-    import_graph(path, tokenizer_dir, ...) -> ImportedModel
+    open_graph(path, tokenizer_dir, ...) -> GraphSource: .load(), then .recognized(...)
 
 No registry entry and no config is needed for the model's structure: the importer (torch_export.py,
-onnx_import.py) gives a dense Relax graph, and the recognition passes (kiln/passes/recognize_*.py,
-listed in ``recognition_steps``) find RMSNorm, SwiGLU, attention with RoPE, GQA and its causal mask, name
-every weight by its role and rebuild the graph as the reference form; the ModelSpec is read off the
-graph. The tokenizer directory supplies the tokenizer and, when it holds the model's config.json, the
+onnx_import.py) gives a dense Relax graph, and the recognition steps of the compile pipeline
+(kiln/passes/pipeline.py: kiln/passes/recognize_*.py) find RMSNorm, SwiGLU, attention with RoPE, GQA and
+its causal mask, name every weight by its role and rebuild the graph as the reference form; the
+ModelSpec is read off the graph (``GraphSource.recognized``). The tokenizer directory supplies the tokenizer and, when it holds the model's config.json, the
 context length, the end-of-sequence ids and RoPE scaling parameters to check the graph's tables
 against.
 """
@@ -14,7 +14,9 @@ against.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -118,77 +120,91 @@ def specialize_empty_cache(mod, info):
     return out
 
 
-def recognition_steps(weights: dict, mask_len: int, rope_hint):
-    """The recognition passes in order, as (name, IRModule -> IRModule); recognize_model comes after."""
-    from ..passes.recognize_attention import recognize_attention
-    from ..passes.recognize_rms_norm import recognize_rms_norm
-    from ..passes.recognize_swiglu import recognize_swiglu
+@dataclass
+class GraphSource:
+    """A .pt2/.onnx graph and its tokenizer directory, checked (``open_graph``); nothing imported yet.
 
-    return [
-        ("recognize_rms_norm", recognize_rms_norm),
-        ("recognize_swiglu", recognize_swiglu),
-        ("recognize_attention", lambda m: recognize_attention(m, weights, mask_len, rope_hint)),
-    ]
+    The compile pipeline imports it (``load``), recognizes it (kiln/passes/recognize_*.py), and turns the
+    recognized model into kiln's parameters and ModelSpec (``recognized``)."""
+
+    kind: ClassVar[str] = "graph"
+    path: Path
+    tokenizer_dir: Path
+    tokenizer_files: list[Path]
+    config: dict  # the tokenizer directory's config.json ({} without one)
+    context_len: int
+    dtype: str | None  # the dtype asked for; a graph computes in the dtype it was exported in
+    rope_hint: object  # RopeSpec from config.json, to check the graph's tables against (None: the graph decides)
+    info: object = None  # the importer's ImportInfo, once loaded
+
+    @property
+    def source_format(self) -> str:
+        return GRAPH_SUFFIXES[self.path.suffix]
+
+    @property
+    def mask_len(self) -> int:
+        """The sequence length the causal mask is evaluated at (sliding windows up to 4096 are found)."""
+        return min(self.context_len, MASK_LEN_MAX)
+
+    def load(self):
+        """(the importer's dense module, its weights by the graph's names as NumPy arrays), a cache-carrying
+        graph specialised to an empty cache."""
+        mod, weights, info = load_graph(self.path)
+        self.info = info
+        return specialize_empty_cache(mod, info), weights
+
+    def recognized(self, rec, weights: dict) -> ImportedModel:
+        """The reference form recognize_model made (``rec``) with its weights under kiln's names (a pre-transposed
+        ONNX weight transposed back) and the ModelSpec: the graph's fields, the context length and the
+        end-of-sequence ids from the tokenizer directory."""
+        import torch
+
+        from ..ir.spec import ModelSpec
+
+        fields = dict(rec.spec)
+        if self.dtype is not None and self.dtype != fields["dtype"]:
+            raise UnsupportedModelError(f"{self.path}: the graph computes in {fields['dtype']}; --dtype {self.dtype} "
+                                        "needs a graph exported in that dtype")
+        window = fields.pop("sliding_window")
+        ctx = self.context_len
+        spec = ModelSpec(architecture=f"{self.info.source} graph", context_len=ctx,
+                         sliding_window=None if window is None or window >= ctx else window,
+                         bos_token_id=self.config.get("bos_token_id"),
+                         eos_token_ids=_eos_ids(self.tokenizer_dir, self.config), **fields)
+        params, layout = {}, {}
+        for name, (src, transposed) in rec.params.items():
+            a = weights[src].T if transposed else weights[src]
+            t = torch.from_numpy(np.array(a, order="C"))  # a copy: the importers' arrays may be read-only views
+            params[name] = t.to(torch.bfloat16) if spec.dtype == "bfloat16" else t
+            layout[name] = (tuple(a.shape), spec.dtype)
+        return ImportedModel(spec, rec.mod, layout, params, self.tokenizer_files)
 
 
-def import_graph(path: str | Path, tokenizer_dir: str | Path, dtype: str | None = None,
-                 context_len: int | None = None, dump_dir: Path | None = None) -> ImportedModel:
-    import torch
-
-    from ..ir.spec import ModelSpec
-    from ..passes.recognize_model import recognize_model
-    from .hf import _rope, tokenizer_files
-    from .torch_export import short_error
+def open_graph(path: str | Path, tokenizer_dir: str | Path, dtype: str | None = None,
+               context_len: int | None = None) -> GraphSource:
+    """Check a graph file and its tokenizer directory before any import: the tokenizer files, the context
+    length (--context-len, else config.json's max_position_embeddings) and RoPE parameters to expect."""
+    from .hf import _rope, check_context_len, tokenizer_files
 
     path, tokenizer_dir = Path(path), Path(tokenizer_dir)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist or is not a file")
     if not tokenizer_dir.is_dir():
         raise CheckpointError(f"--tokenizer {tokenizer_dir} is not a directory")
     toks = tokenizer_files(tokenizer_dir)
     config = _read_config(tokenizer_dir)
+    check_context_len(context_len, config, tokenizer_dir / "config.json")
     ctx = context_len or config.get("max_position_embeddings")
     if not ctx:
         raise KilnError(f"{path}: the graph does not say how long a sequence the model serves; pass --context-len "
                         f"(or put the model's config.json in {tokenizer_dir})")
-    ctx = int(ctx)
     rope_hint = None
     if config:
         try:
             rope_hint = _rope(config)
         except UnsupportedModelError:
             rope_hint = None  # the graph's own tables decide; an unknown scaling fails there, naming the node
-
-    mod, weights, info = load_graph(path)
-    mod = specialize_empty_cache(mod, info)
-    if dump_dir is not None:
-        dump_dir.mkdir(parents=True, exist_ok=True)
-        (dump_dir / "r0-imported.py").write_text(mod.script())
-    mask_len = min(ctx, MASK_LEN_MAX)
-    steps = [*recognition_steps(weights, mask_len, rope_hint), ("recognize_model", recognize_model)]
-    for i, (name, step) in enumerate(steps, start=1):
-        try:
-            mod = step(mod)
-        except KilnError:
-            raise
-        except Exception as e:  # TVM rejecting what a pass built from this graph: a graph kiln cannot take
-            raise UnsupportedModelError(f"{path}: {name} failed on this graph ({short_error(e)})") from None
-        if dump_dir is not None:
-            (dump_dir / f"r{i}-{name}.py").write_text((mod.mod if name == "recognize_model" else mod).script())
-    rec = mod
-    fields = dict(rec.spec)
-    if dtype is not None and dtype != fields["dtype"]:
-        raise UnsupportedModelError(f"{path}: the graph computes in {fields['dtype']}; --dtype {dtype} needs a graph "
-                                    "exported in that dtype")
-    window = fields.pop("sliding_window")
-    spec = ModelSpec(architecture=f"{info.source} graph", context_len=ctx,
-                     sliding_window=None if window is None or window >= ctx else window,
-                     bos_token_id=config.get("bos_token_id"), eos_token_ids=_eos_ids(tokenizer_dir, config), **fields)
-    params, layout = {}, {}
-    for name, (src, transposed) in rec.params.items():
-        a = weights[src].T if transposed else weights[src]
-        t = torch.from_numpy(np.array(a, order="C"))  # a copy: the importers' arrays may be read-only views
-        params[name] = t.to(torch.bfloat16) if spec.dtype == "bfloat16" else t
-        layout[name] = (tuple(a.shape), spec.dtype)
-    return ImportedModel(spec, rec.mod, layout, params, toks)
+    return GraphSource(path, tokenizer_dir, toks, config, int(ctx), dtype, rope_hint)
 
 
-__all__ = ["GRAPH_SUFFIXES", "import_graph", "is_graph_file", "load_graph", "recognition_steps"]
+__all__ = ["GRAPH_SUFFIXES", "GraphSource", "is_graph_file", "load_graph", "open_graph"]

@@ -16,17 +16,17 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..artifact import load_artifact
+from ..artifact import Artifact, load_artifact
 from ..errors import KilnError, RequestError
 from ..scheduler.scheduler import Scheduler, SchedulerConfig
 from ..scheduler.sequence import Sequence, Status
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import KVCacheConfig
 from .outputs import CompletionOutput, EngineStats, Request, RequestOutput
-from .sampler import Sampler, SamplingParams, SamplingRow, choice_generator, take_rows
+from .sampler import Sampler, SamplingParams, SamplingRow, choice_generator
 from .tokenizer import Tokenizer
 from .tvm_runtime import require_cuda
 
@@ -87,37 +87,55 @@ def kv_cache_config(spec, config: EngineConfig, device: str) -> KVCacheConfig:
 
 
 @dataclass
-class _Live:
-    """An admitted request: its choices and what they have produced since the last output."""
+class Choice:
+    """One choice of a request, as the engine keeps it between steps. Made for every choice when the request
+    is added (a child of an n > 1 request starts from the prompt, as its parent does)."""
 
-    request: Request
-    seqs: list[Sequence]
-    stop_ids: frozenset[int]
-    done: set[int] = field(default_factory=set)
-    news: dict[int, CompletionOutput] = field(default_factory=dict)
+    index: int  # 0..n-1
+    row: SamplingRow  # the sampler's view: params, own generator, penalty history, grammar state
+    detok: IncrementalDetokenizer
+    news: CompletionOutput  # what it produced since the request's last output
+    done: bool = False
 
-    def news_for(self, index: int) -> CompletionOutput:
-        out = self.news.get(index)
-        if out is None:
-            out = self.news[index] = CompletionOutput(index, "", [], [] if self.request.params.logprobs is not None
-                                                      else None)
+    def take_news(self) -> CompletionOutput:
+        out, self.news = self.news, CompletionOutput(self.index, "", [], [] if self.news.logprobs is not None else None)
         return out
 
 
+@dataclass
+class _Live:
+    """An admitted request: its choices, the sequences that compute them, and its stop token ids."""
+
+    request: Request
+    choices: list[Choice]
+    seqs: list[Sequence]
+    stop_ids: frozenset[int]
+    touched: bool = False  # a choice has news for the next output
+
+    @property
+    def finished(self) -> bool:
+        return all(c.done for c in self.choices)
+
+
 class Engine:
-    def __init__(self, artifact: str | Path, config: EngineConfig = EngineConfig()):
+    def __init__(self, artifact: str | Path | Artifact, config: EngineConfig = EngineConfig(),
+                 kv_config: KVCacheConfig | None = None):
+        """``kv_config``: the KV cache's exact shape, instead of sizing it from ``config.kv_cache_memory``; its
+        ``max_num_seqs`` and ``prefill_chunk_size`` then bound the scheduler's batch."""
         import torch
 
         from .model_runner import ModelRunner
 
         # The model runs on TVM's own thread pool; torch (the sampler) on more than one thread only fights it.
         torch.set_num_threads(1)
-        self.config = config
-        self.artifact = load_artifact(artifact)
+        self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
         self.spec = self.artifact.spec
         self.model_name = self.artifact.path.name
         device = config.device or self.artifact.target["device"]
-        kv_cfg = kv_cache_config(self.spec, config, device)
+        if kv_config is not None:
+            config = replace(config, max_num_seqs=kv_config.max_num_seqs, max_batched_tokens=kv_config.prefill_chunk_size)
+        self.config = config
+        kv_cfg = kv_config or kv_cache_config(self.spec, config, device)
         self.runner = ModelRunner(self.artifact, device, kv_cfg, random_weights=config.random_weights)
         self.kv = self.runner.kv
         self.kv_pages_total = self.kv.num_free_pages
@@ -174,21 +192,20 @@ class Engine:
         stop = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.spec.eos_token_ids))
         seq = Sequence(self.scheduler.new_seq_id(), req.request_id, list(req.prompt_ids), len(req.prompt_ids),
                        p.max_tokens, user=req.user, arrival=req.arrival, forks=p.n - 1)
-        self._init_choice(req, seq)
-        self._live[req.request_id] = _Live(req, [seq], frozenset(stop))
+        self._live[req.request_id] = _Live(req, [self._new_choice(req, i) for i in range(p.n)], [seq], frozenset(stop))
         self.scheduler.add(seq)
 
-    def _init_choice(self, req: Request, seq: Sequence) -> None:
+    def _new_choice(self, req: Request, index: int) -> Choice:
         p = req.params
-        gen = choice_generator(p.seed, seq.index) if p.seed is not None else None
         grammar = None
         if req.grammar is not None:
             from .grammar import GrammarState
 
             grammar = GrammarState(req.grammar)
-        prompt = list(req.prompt_ids) if p.repetition_penalty != 1.0 else ()
-        seq.data = {"detok": IncrementalDetokenizer(self.tokenizer, req.prompt_ids, p.stop, p.skip_special_tokens),
-                    "row": SamplingRow(p, gen, prompt), "grammar": grammar}
+        row = SamplingRow(p, choice_generator(p.seed, index) if p.seed is not None else None,
+                          list(req.prompt_ids) if p.repetition_penalty != 1.0 else (), grammar=grammar)
+        detok = IncrementalDetokenizer(self.tokenizer, req.prompt_ids, p.stop, p.skip_special_tokens)
+        return Choice(index, row, detok, CompletionOutput(index, "", [], [] if p.logprobs is not None else None))
 
     def abort_request(self, request_id: str) -> None:
         live = self._live.pop(request_id, None)
@@ -197,12 +214,11 @@ class Engine:
         for seq in live.seqs:
             if seq.status is not Status.FINISHED:
                 self.scheduler.abort(seq)
-        n = live.request.params.n
-        for i in range(n):
-            if i not in live.done:
-                live.news_for(i).finish_reason = "abort"
+        for c in live.choices:
+            if not c.done:
+                c.done, c.news.finish_reason = True, "abort"
                 self.finished_by_reason["abort"] = self.finished_by_reason.get("abort", 0) + 1
-        self._ended.append(self._output(live, finished=True))
+        self._ended.append(self._output(live))
 
     def has_unfinished(self) -> bool:
         return bool(self._live) or bool(self._ended)
@@ -210,140 +226,88 @@ class Engine:
     # -- one step ----------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """schedule -> run -> sample -> postprocess; the outputs of every request with news."""
         t0 = time.perf_counter()
         outputs, self._ended = self._ended, []
         batch = self.scheduler.schedule()
         if not batch:
             return outputs
-        samples = batch.samples
-        t1 = time.perf_counter()
         logits = self.runner.forward_logits(batch.seq_ids, batch.token_lists)
-        t2 = time.perf_counter()
-        self.scheduler.commit(batch)
-        picked = [(i, s) for i, (s, yes) in enumerate(zip(batch.seqs, samples)) if yes]
-        touched: dict[str, _Live] = {}
-        if picked:
-            self._sample(picked, logits, touched)
-        for live in touched.values():
-            fin = len(live.done) == live.request.params.n
-            outputs.append(self._output(live, finished=fin))
-            if fin:
-                del self._live[live.request.request_id]
-        self.step_times.append((len(batch), t1 - t0, *self.runner.last_timing, time.perf_counter() - t2))
-        del self.step_times[:-4096]
-        self.num_steps += 1
-        return outputs
+        t1 = time.perf_counter()
+        choices = [self._live[seq.request_id].choices[index] for _, seq, index in batch.samples]
+        tokens, logprobs = self.sampler.sample(logits, [row for row, _, _ in batch.samples], self._rows(batch, choices))
+        finished = self._check_stops(batch, choices, tokens, logprobs)
+        for child in self.scheduler.postprocess(batch, tokens, finished):
+            self._live[child.request_id].seqs.append(child)
+        self._record_step(len(batch), t0, t1)
+        return outputs + self._outputs()
 
-    def _sample(self, picked: list[tuple[int, Sequence]], logits, touched: dict) -> None:
-        """Sample the picked rows of ``logits`` (a torch tensor [b, V] on the runner's device). Rows that
-        need only an argmax (greedy, no penalty, no logprobs, no grammar) take it alone; ``Sampler`` draws
-        the others; both where the logits are, except the rows under a grammar, masked on the host. On a
-        GPU a step so brings back ids (and logprobs when asked) instead of its [b, V] float32 logits."""
-        # one row per choice to sample: (sequence or None for a child-to-be, logits row, owner, choice index)
-        entries = []
-        for i, seq in picked:
-            entries.append((seq, i, seq, seq.index))
-            entries.extend((None, i, seq, seq.index + 1 + k) for k in range(seq.forks))
-        grammars = [owner.data["grammar"] for _, _, owner, _ in entries]  # children start where the parent does
-        sample_rows = []
-        for seq, _, owner, index in entries:
-            params = owner.data["row"].params
-            if seq is not None:
-                row = seq.data["row"]
-                if params.has_penalties:
-                    row.output_ids = seq.tokens[seq.prompt_len:]
-            else:  # a child-to-be: the parent's prompt, and its own generator as _init_choice would make it
-                gen = choice_generator(params.seed, index) if params.seed is not None else None
-                row = SamplingRow(params, gen, owner.data["row"].prompt_ids)
-            sample_rows.append(row)
-        plain = [g is None and r.params.greedy and not r.params.has_penalties and r.params.logprobs is None
-                 for g, r in zip(grammars, sample_rows)]
-        tokens: list[int] = [0] * len(entries)
-        logprobs: list = [None] * len(entries)
-        js = [j for j, yes in enumerate(plain) if yes]
-        if js:
-            for j, t in zip(js, self.sampler.argmax(logits, [entries[j][1] for j in js])):
-                tokens[j] = t
-        js = [j for j, yes in enumerate(plain) if not yes]
-        # off the host path, rows under a grammar go to the host (xgrammar fills its bitmask there) and the
-        # rest are sampled where the logits are
-        groups = [js] if self.sampler.uses_numpy(logits) else [[j for j in js if grammars[j] is None],
-                                                                [j for j in js if grammars[j] is not None]]
-        for group in (g for g in groups if g):
-            x = take_rows(logits, [entries[j][1] for j in group])
-            if any(grammars[j] is not None for j in group):
-                from .grammar import apply_grammar_masks
+    def _rows(self, batch, choices: list[Choice]) -> list[SamplingRow]:
+        """Each choice's sampling row, its output so far (for the penalties) brought up to date."""
+        for (_, seq, index), c in zip(batch.samples, choices):
+            if c.row.params.has_penalties and index == seq.index:  # a child-to-be has no output yet
+                c.row.output_ids = seq.tokens[seq.prompt_len:]
+        return [c.row for c in choices]
 
-                x = x.cpu()
-                apply_grammar_masks(x, [grammars[j] for j in group])
-            for j, t, lp in zip(group, *self.sampler(x, [sample_rows[j] for j in group])):
-                tokens[j], logprobs[j] = t, lp
-        news = []  # (sequence, row) pairs with a new token
-        children: dict[int, list[int]] = {}  # parent seq id -> rows of its children
-        for j, (seq, _, owner, _) in enumerate(entries):
-            if seq is None:
-                children.setdefault(owner.seq_id, []).append(j)
-            else:
-                seq.tokens.append(tokens[j])
-                news.append((seq, j))
-        for parent in [owner for seq, _, owner, _ in entries if seq is not None and owner.forks]:
-            live = self._live[parent.request_id]
-            js = children[parent.seq_id]
-            for child, j in zip(self.scheduler.fork(parent, [[tokens[j]] for j in js]), js):
-                self._init_choice(live.request, child)
-                child.data["row"].generator = sample_rows[j].generator  # it drew the first token already
-                live.seqs.append(child)
-                news.append((child, j))
-        self._after_tokens(news, tokens, logprobs, touched)
-
-    def _after_tokens(self, news: list[tuple[Sequence, int]], tokens: list[int], logprobs: list, touched: dict) -> None:
-        """Record each sequence's new token, detokenize them together, and apply the stop conditions."""
-        reasons: list[str | None] = [None] * len(news)
-        outs, text_rows = [], []
-        for k, (seq, j) in enumerate(news):
-            token = tokens[j]
-            live = touched[seq.request_id] = self._live[seq.request_id]
-            self.scheduler.on_token(seq)
-            out = live.news_for(seq.index)
-            outs.append(out)
-            out.token_ids.append(token)
-            if out.logprobs is not None:
-                out.logprobs.append(logprobs[j])
-            grammar = seq.data["grammar"]
+    def _check_stops(self, batch, choices: list[Choice], tokens: list[int], logprobs: list) -> list[bool]:
+        """Record each choice's new token, detokenize them together, and apply the stop conditions: a stop
+        token, a stop string, the grammar's end, ``max_tokens`` or the context window. Whether each ends."""
+        reasons: list[str | None] = [None] * len(choices)
+        text_rows = []
+        for k, (c, token) in enumerate(zip(choices, tokens)):
+            live = self._live[batch.samples[k][1].request_id]
+            live.touched = True
+            c.news.token_ids.append(token)
+            if c.news.logprobs is not None:
+                c.news.logprobs.append(logprobs[k])
+            grammar = c.row.grammar
             if grammar is not None and not grammar.accept(token):
                 reasons[k] = "stop"  # cannot happen with the mask applied; never continue outside the grammar
             if token in live.stop_ids:
                 reasons[k] = "stop"  # a stop token's text is not part of the output
             else:
                 text_rows.append(k)
-        detoks = [news[k][0].data["detok"] for k in text_rows]
-        for k, d, text in zip(text_rows, detoks, IncrementalDetokenizer.step_batch(detoks, [tokens[news[k][1]]
-                                                                                          for k in text_rows])):
-            outs[k].text += text
-            if d.stopped:
+        detoks = [choices[k].detok for k in text_rows]
+        for k, text in zip(text_rows, IncrementalDetokenizer.step_batch(detoks, [tokens[k] for k in text_rows])):
+            choices[k].news.text += text
+            if choices[k].detok.stopped:
                 reasons[k] = "stop"
-        for k, (seq, _) in enumerate(news):
-            reason = reasons[k]
-            grammar = seq.data["grammar"]
-            if reason is None and grammar is not None and grammar.terminated:
-                reason = "stop"
-            if reason is None and (seq.num_generated >= seq.max_tokens or len(seq.tokens) >= self.spec.context_len):
-                reason = "length"
-            if reason is None:
-                continue
-            detok = seq.data["detok"]
-            if not detok.stopped:
-                outs[k].text += detok.flush()
-            outs[k].finish_reason = reason
-            self._live[seq.request_id].done.add(seq.index)
-            self.finished_by_reason[reason] = self.finished_by_reason.get(reason, 0) + 1
-            self.scheduler.finish(seq)
+        for k, (c, (_, seq, _)) in enumerate(zip(choices, batch.samples)):
+            # a child-to-be's length is its parent's after this token: the prompt plus one
+            generated, length = seq.num_generated + 1, len(seq.tokens) + 1
+            if reasons[k] is None and c.row.grammar is not None and c.row.grammar.terminated:
+                reasons[k] = "stop"
+            if reasons[k] is None and (generated >= seq.max_tokens or length >= self.spec.context_len):
+                reasons[k] = "length"
+            if reasons[k] is not None:
+                if not c.detok.stopped:
+                    c.news.text += c.detok.flush()
+                c.done, c.news.finish_reason = True, reasons[k]
+                self.finished_by_reason[reasons[k]] = self.finished_by_reason.get(reasons[k], 0) + 1
+        return [r is not None for r in reasons]
 
-    def _output(self, live: _Live, finished: bool) -> RequestOutput:
-        outs = [live.news[i] for i in sorted(live.news)]
-        live.news = {}
+    def _outputs(self) -> list[RequestOutput]:
+        """One output per request with news; a finished request leaves the engine."""
+        outputs = []
+        for live in [live for live in self._live.values() if live.touched]:
+            outputs.append(self._output(live))
+            if live.finished:
+                del self._live[live.request.request_id]
+        return outputs
+
+    def _output(self, live: _Live) -> RequestOutput:
+        live.touched = False
+        outs = [c.take_news() for c in live.choices if c.news.token_ids or c.news.finish_reason or c.news.text]
         first = live.seqs[0]
-        return RequestOutput(live.request.request_id, outs, first.prompt_len, first.num_cached, finished)
+        return RequestOutput(live.request.request_id, outs, first.prompt_len, first.num_cached, live.finished)
+
+    def _record_step(self, batch_size: int, t0: float, t1: float) -> None:
+        """Per step: (batch size, schedule, inputs, model, outputs, sample+detok) seconds (tools/bench_engine.py)."""
+        inputs, model, wrap = self.runner.last_timing
+        schedule = t1 - t0 - inputs - model - wrap
+        self.step_times.append((batch_size, schedule, inputs, model, wrap, time.perf_counter() - t1))
+        del self.step_times[:-4096]
+        self.num_steps += 1
 
     # -- observation -------------------------------------------------------------------------------
 
@@ -389,8 +353,7 @@ class Engine:
 
     def clear_prefix_cache(self) -> None:
         """Drop every prefix-cache entry (their pages come back unless a running fork still uses them)."""
-        while self.scheduler._evict_one():
-            pass
+        self.scheduler.clear_prefix_cache()
 
     def generate(self, requests: list[Request]) -> dict[str, list[RequestOutput]]:
         """Run requests to completion (offline use and tests): every output of each request, in order."""
@@ -453,6 +416,31 @@ class AsyncEngine:
         self._ids_in_use: set[str] = set()
         self._thread = threading.Thread(target=self._run, name="kiln-engine", daemon=True)
         self._thread.start()
+
+    # -- what a front end needs from the model (fixed at load; safe from any thread) ----------------
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def context_len(self) -> int:
+        return self.engine.spec.context_len
+
+    @property
+    def max_sequence_tokens(self) -> int:
+        """The most tokens (prompt + output) one sequence can hold: the context window, or less if the KV
+        cache is smaller."""
+        return self.engine.kv.max_sequence_tokens(self.engine.spec.context_len)
+
+    def compile_grammar(self, fmt):
+        """A compiled grammar for a ``grammar.ResponseFormat`` (None for plain text); RequestError if invalid.
+        Slow for a new schema: call it off the event loop."""
+        return self.engine.compile_grammar(fmt)
 
     def submit(self, req: Request) -> RequestStream:
         if req.request_id in self._ids_in_use:

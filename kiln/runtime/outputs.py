@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .sampler import SamplingParams
+from .sampler import SamplingParams, TokenLogprob
 
 
 @dataclass
@@ -19,13 +19,6 @@ class Request:
     user: str | None = None  # the client, for fair scheduling (OpenAI's ``user`` field)
     grammar: object | None = None  # a compiled grammar (kiln.runtime.grammar) constraining every choice
     arrival: float = 0.0  # time.monotonic() at arrival; the engine sets it when 0
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()  # the most likely tokens at this step, best first
 
 
 @dataclass

@@ -31,7 +31,9 @@ import numpy as np
 
 from ..artifact import load_artifact
 from ..errors import KilnError
+from ..progress import count
 from .kv_cache import KVCacheConfig
+from .engine import Engine, EngineConfig
 from .model_runner import ModelRunner
 from .tokenizer import Tokenizer
 
@@ -142,10 +144,11 @@ def evaluate_perplexity(artifact_path: str | Path, text: str, window: int | None
     page = 16
     kv = KVCacheConfig(max_num_seqs=1, max_total_tokens=-(-window // page) * page,
                        prefill_chunk_size=min(window, MAX_DEFAULT_WINDOW), page_size=page)
-    runner = ModelRunner(art, kv_config=kv)
+    runner = Engine(art, EngineConfig(prefix_cache=False), kv_config=kv).runner  # the engine's loading and checks
     nll = 0.0
-    for w in windows:
+    for i, w in enumerate(windows, start=1):
         nll += window_nll(runner, ids, w)
+        count("eval: window", i, len(windows))
     scored = sum(w.end - w.first_scored for w in windows)
     return PerplexityResult(perplexity=math.exp(nll / scored), nll=nll / scored, num_tokens=len(ids),
                             num_tokens_scored=scored, window=window, stride=stride, num_windows=len(windows),

@@ -2,9 +2,10 @@
 
 ``Sampler`` is the engine's batched path, over torch tensors on whichever device holds the logits (on a GPU
 no [b, V] array crosses to the host; only ids, and logprobs when asked); ``Sampler.argmax`` is its greedy
-choice alone (the engine's rows with nothing else to do). ``probabilities`` is the same math for one
-row in plain NumPy float64, the reference the tests hold the batched path to. ``sample`` is the older
-one-row NumPy path that ``llm.py`` still uses.
+choice alone. ``Sampler.sample`` is what the engine calls each step: it routes each choice's row — an
+argmax where the logits are for a plain greedy row, the batched path for the others, the host (NumPy,
+under xgrammar's mask) for a row under a grammar. ``probabilities`` is the same math for one row in plain
+NumPy float64, the reference the tests hold the batched path to.
 
 Per row, in this order:
 1. logprobs, when asked, from the logits as given: log_softmax over the real vocabulary, before anything
@@ -42,7 +43,7 @@ import torch
 from ..errors import RequestError
 
 if TYPE_CHECKING:
-    from .outputs import TokenLogprob
+    from .grammar import GrammarState
 
 MAX_N = 16
 MAX_LOGPROBS = 20
@@ -139,6 +140,20 @@ class SamplingRow:
     generator: torch.Generator | None = None  # the choice's own (seeded requests); None: the sampler's shared one
     prompt_ids: Sequence[int] = ()  # read only for repetition_penalty; a NumPy array or tensor avoids a copy
     output_ids: Sequence[int] = ()  # tokens generated so far, read only for the penalties
+    grammar: GrammarState | None = None  # the choice's structured-output state: its mask applies to the row
+
+    @property
+    def plain(self) -> bool:
+        """Nothing but an argmax to do: greedy, no penalty, no logprobs, no grammar."""
+        p = self.params
+        return self.grammar is None and p.greedy and not p.has_penalties and p.logprobs is None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # the most likely tokens at this step, best first
 
 
 class Sampler:
@@ -191,6 +206,35 @@ class Sampler:
                                                             [params[i].logprobs for i in with_logprobs])):
                 out[i] = lp
         return token_list, out
+
+    def sample(self, logits: torch.Tensor, positions: list[int], rows: list[SamplingRow]) \
+            -> tuple[list[int], list[TokenLogprob | None]]:
+        """One token for each ``rows[j]`` from row ``positions[j]`` of ``logits`` [b, >= vocab_size] float32,
+        wherever the logits are (positions may repeat: the choices of one prompt share its row).
+
+        Plain rows take an argmax alone; the others go through ``__call__`` where the logits are, except rows
+        under a grammar, which are copied to the host for xgrammar's mask (on the CPU the host path takes
+        every non-plain row at once). On a GPU a step so brings back ids (and logprobs when asked), not its
+        [b, V] logits."""
+        assert len(positions) == len(rows)
+        tokens: list[int] = [0] * len(rows)
+        logprobs: list[TokenLogprob | None] = [None] * len(rows)
+        plain = [j for j, r in enumerate(rows) if r.plain]
+        for j, t in zip(plain, self.argmax(logits, [positions[j] for j in plain]) if plain else ()):
+            tokens[j] = t
+        rest = [j for j, r in enumerate(rows) if not r.plain]
+        groups = [rest] if self.uses_numpy(logits) else [[j for j in rest if rows[j].grammar is None],
+                                                         [j for j in rest if rows[j].grammar is not None]]
+        for group in (g for g in groups if g):
+            x = take_rows(logits, [positions[j] for j in group])
+            if any(rows[j].grammar is not None for j in group):
+                from .grammar import apply_grammar_masks
+
+                x = x.cpu()
+                apply_grammar_masks(x, [rows[j].grammar for j in group])
+            for j, t, lp in zip(group, *self(x, [rows[j] for j in group])):
+                tokens[j], logprobs[j] = t, lp
+        return tokens, logprobs
 
     def argmax(self, logits: torch.Tensor, rows: list[int]) -> list[int]:
         """The greedy token of each of ``rows`` of ``logits`` [b, >= vocab_size] float32, on whichever
@@ -414,8 +458,6 @@ def _token_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, ks: list[int])
 
     Alternatives with logprob -inf (masked out) are left out of ``top``: they are impossible, and not JSON.
     """
-    from .outputs import TokenLogprob  # here, not at the top: outputs imports this module
-
     chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
     k_max = min(max(ks), logprobs.shape[1])
     top_v, top_i = logprobs.topk(k_max, dim=-1) if k_max else (None, None)
@@ -429,7 +471,7 @@ def _token_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, ks: list[int])
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The NumPy reference (one row, float64) and the older one-row sampler
+# The NumPy reference (one row, float64)
 
 
 def penalised_logits(logits: np.ndarray, p: SamplingParams, prompt_ids: Sequence[int] = (),
@@ -466,14 +508,3 @@ def probabilities(logits: np.ndarray, p: SamplingParams, prompt_ids: Sequence[in
     probs = np.exp(z)
     return probs / probs.sum()
 
-
-def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator, prompt_ids: Sequence[int] = (),
-           output_ids: Sequence[int] = ()) -> int:
-    """One row, NumPy, by inverse CDF with ``rng``; a greedy choice draws nothing from ``rng``."""
-    if p.greedy and not p.has_penalties:
-        return int(np.argmax(logits))
-    probs = probabilities(logits, p, prompt_ids, output_ids)
-    if p.greedy:
-        return int(np.argmax(probs))
-    cdf = np.cumsum(probs)
-    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(probs) - 1))

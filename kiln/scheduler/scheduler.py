@@ -47,6 +47,9 @@ class Batch:
     seqs: list[Sequence] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # (batch row, sequence, choice index) of every choice sampled from this step's logits: each sequence whose
+    # tokens this step reaches the end of, and after an n > 1 prompt its children-to-be, on the prompt's row
+    samples: list[tuple[int, Sequence, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -58,11 +61,6 @@ class Batch:
     @property
     def token_lists(self) -> list[list[int]]:
         return [s.tokens[s.num_computed:s.num_computed + k] for s, k in zip(self.seqs, self.num_tokens)]
-
-    @property
-    def samples(self) -> list[bool]:
-        """Whether each entry reaches the end of its tokens (its logits give the next token)."""
-        return [s.num_computed + k == len(s.tokens) for s, k in zip(self.seqs, self.num_tokens)]
 
 
 @dataclass
@@ -133,7 +131,7 @@ class Scheduler:
         while len(self.cache) > self.config.max_cached_seqs:
             self._evict_one()
 
-    def fork(self, parent: Sequence, tokens: list[list[int]]) -> list[Sequence]:
+    def _fork(self, parent: Sequence, tokens: list[list[int]]) -> list[Sequence]:
         """Children of a sequence whose prompt is computed (n > 1), each with its own first token.
 
         ``parent.tokens`` already ends with the parent's sampled token; a child shares the KV of the
@@ -218,9 +216,11 @@ class Scheduler:
             reserved += need
         if not batch.preempted:  # nothing was short of pages: admit new work
             self._admit(planned, budget, reserved)
-        for seq, k in planned:
+        for row, (seq, k) in enumerate(planned):
             batch.seqs.append(seq)
             batch.num_tokens.append(k)
+            if seq.num_computed + k == len(seq.tokens):
+                batch.samples += [(row, seq, seq.index + i) for i in range(1 + seq.forks)]
         return batch
 
     def _admit(self, planned: list, budget: int, reserved: int) -> None:
@@ -264,13 +264,35 @@ class Scheduler:
             budget -= k
             reserved += need - copy
 
-    def commit(self, batch: Batch) -> None:
-        """The batch ran: its tokens now have KV."""
+    def postprocess(self, batch: Batch, tokens: list[int], finished: list[bool]) -> list[Sequence]:
+        """The batch ran and drew ``tokens[j]`` for ``batch.samples[j]``: its computed tokens have KV now; each
+        sampled sequence gets its token; an n > 1 prompt's children are forked off it, each with its own first
+        token; the samples marked ``finished`` end (their KV kept for prefix reuse, or freed). Returns the new
+        children."""
+        assert len(tokens) == len(finished) == len(batch.samples)
         for seq, k in zip(batch.seqs, batch.num_tokens):
             if not (k == 1 and seq.is_decode):
                 self.stats.prefill_tokens_computed += k
             seq.num_computed += k
+        ended, children, firsts = [], [], {}
+        for (_, seq, index), token, fin in zip(batch.samples, tokens, finished):
+            if index != seq.index:  # a child-to-be: forked below, once its parent has its own token
+                firsts.setdefault(seq, []).append((token, fin))
+                continue
+            seq.tokens.append(token)
+            ended += [seq] if fin else []
+        for parent, kids in firsts.items():
+            for child, (_, fin) in zip(self._fork(parent, [[t] for t, _ in kids]), kids):
+                children.append(child)
+                ended += [child] if fin else []
+        self.stats.generation_tokens += len(tokens)
+        for seq in [s for _, s, i in batch.samples if i == s.index] + children:
+            self.policy.on_output(seq, 1)
+        for seq in ended:
+            self.finish(seq)
+        return children
 
-    def on_token(self, seq: Sequence) -> None:
-        self.stats.generation_tokens += 1
-        self.policy.on_output(seq, 1)
+    def clear_prefix_cache(self) -> None:
+        """Drop every prefix-cache entry (their pages come back unless a running fork still uses them)."""
+        while self._evict_one():
+            pass

@@ -9,7 +9,7 @@ recompute simply drops back to ``num_computed = 0`` and recomputes prompt and ou
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class Status(enum.Enum):
@@ -34,7 +34,6 @@ class Sequence:
     status: Status = Status.WAITING
     admissions: int = 0  # times admitted (more than once after preemption)
     charged_input: bool = False  # fair scheduling charged this request's prompt already
-    data: dict = field(default_factory=dict)  # the engine's per-choice state
 
     @property
     def num_generated(self) -> int:

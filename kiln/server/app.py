@@ -219,11 +219,10 @@ class _Choice:
 class _OpenAIServer:
     def __init__(self, engine: AsyncEngine, config: ServerConfig):
         self.engine, self.config = engine, config
-        core = engine.engine
-        self.tokenizer: Tokenizer = core.tokenizer
-        self.model_name: str = core.model_name
-        self.context_len: int = core.spec.context_len
-        self.max_seq_len = core.kv.max_sequence_tokens(self.context_len)  # what one sequence can hold
+        self.tokenizer: Tokenizer = engine.tokenizer
+        self.model_name: str = engine.model_name
+        self.context_len: int = engine.context_len
+        self.max_seq_len = engine.max_sequence_tokens  # what one sequence can hold
         self.model_card = ModelCard(id=self.model_name, created=int(time.time()), max_model_len=self.context_len)
         self.metrics = ServerMetrics(engine.stats)
         self.tokens = _TokenStrings(self.tokenizer)
@@ -348,7 +347,7 @@ class _OpenAIServer:
         if body.response_format is not None:
             fmt = ResponseFormat.from_openai(body.response_format)
             # compiling can take a while: off the event loop, which serves the other streams meanwhile
-            grammar = await asyncio.to_thread(self.engine.engine.compile_grammar, fmt)
+            grammar = await asyncio.to_thread(self.engine.compile_grammar, fmt)
         rid = f"{prefix}-{uuid.uuid4().hex}"
         stream = self.engine.submit(EngineRequest(rid, prompt_ids, params, user=body.user, grammar=grammar))
         return rid, stream

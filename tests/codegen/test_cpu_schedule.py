@@ -175,7 +175,8 @@ def test_model_module_only_linears_change(zoo):
     from kiln.passes.pipeline import build_pipeline, run_pipeline
 
     target = resolve_target("cpu")
-    mod = run_pipeline(import_hf(zoo.hf("llama")[0]).mod, build_pipeline(target, False), None)
+    imported = import_hf(zoo.hf("llama")[0])
+    mod = run_pipeline(build_pipeline(target, imported.spec, fuse=False), imported.mod).mod
     mod = _legalize(mod)
     with target.tvm_target():
         out = ScheduleCPUMatmul(mod)

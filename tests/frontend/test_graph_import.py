@@ -121,11 +121,14 @@ def test_dump_ir_shows_each_recognition_step(zoo, tmp_path):
     compile_model(zoo.graph("qwen2", "onnx"), tmp_path / "a", CompileConfig(tokenizer=model_dir,
                                                                               dump_ir=tmp_path / "ir"))
     names = sorted(p.name for p in (tmp_path / "ir").iterdir())
-    assert names[-5:] == ["r0-imported.py", "r1-recognize_rms_norm.py", "r2-recognize_swiglu.py",
-                          "r3-recognize_attention.py", "r4-recognize_model.py"]
-    assert "R.nn.softmax" in (tmp_path / "ir" / "r2-recognize_swiglu.py").read_text()
-    assert "R.nn.softmax" not in (tmp_path / "ir" / "r3-recognize_attention.py").read_text().split("def main")[1]
-    assert "def forward" in (tmp_path / "ir" / "r4-recognize_model.py").read_text()
+    # one numbering for every step: the import and recognition first, then the passes every compile runs
+    assert names[:7] == ["01-import_graph.py", "02-recognize_rms_norm.py", "03-recognize_swiglu.py",
+                         "04-recognize_attention.py", "05-recognize_model.py", "06-verify_reference.py",
+                         "07-fuse_dequant_matmul.py"]
+    assert names[-2:] == [f"{len(names) - 1:02d}-lower_paged_kv.py", f"{len(names):02d}-dead_code_elimination.py"]
+    assert "R.nn.softmax" in (tmp_path / "ir" / "03-recognize_swiglu.py").read_text()
+    assert "R.nn.softmax" not in (tmp_path / "ir" / "04-recognize_attention.py").read_text().split("def main")[1]
+    assert "def forward" in (tmp_path / "ir" / "05-recognize_model.py").read_text()
 
 
 def export_with_past(model, path):
@@ -220,6 +223,19 @@ def _cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_kiln_compile_cli_builds_a_graph_that_generates_like_transformers(fmt, zoo, tmp_path, one_torch_thread):
+    """The command a user runs, not only compile_model: `kiln compile MODEL.pt2|.onnx --tokenizer DIR -o ART`."""
+    model_dir, hf = zoo.hf("qwen2")
+    r = _cli("compile", zoo.graph("qwen2", fmt), "--tokenizer", model_dir, "-o", tmp_path / "art", "-q")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "art" / "manifest.json").read_text())["options"]["source_format"] == \
+        {"pt2": "torch.export", "onnx": "onnx"}[fmt]
+    prompt = [5, 6, 7, 11, 13]
+    [res] = LLM(tmp_path / "art").generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    assert res.token_ids == hf_greedy(hf, prompt, 8)
+
+
 def test_graph_without_tokenizer_is_a_user_error(zoo, tmp_path):
     r = _cli("compile", zoo.graph("llama", "onnx"), "-o", tmp_path / "a")
     assert r.exit_code == 1 and "--tokenizer" in r.output and "Traceback" not in r.output
@@ -233,13 +249,13 @@ def test_tokenizer_option_on_a_checkpoint_is_a_user_error(zoo, tmp_path):
 
 def test_an_internal_failure_during_recognition_is_a_one_line_error(zoo, tmp_path, monkeypatch):
     """Whatever TVM raises on a graph kiln half-recognised reaches the user as one line naming the step."""
-    import kiln.frontend.graph as graph
+    import kiln.passes.pipeline as pipeline
 
     def broken(mod):
         raise RuntimeError("Traceback (most recent call last):\n  File \"/project/src/relax/ir/block_builder.cc\", "
                            "line 1\nInternalError: Check failed: something TVM did not like")
 
-    monkeypatch.setattr(graph, "recognition_steps", lambda *a: [("recognize_rms_norm", broken)])
+    monkeypatch.setattr(pipeline, "recognize_rms_norm", broken)
     model_dir, _ = zoo.hf("llama")
     r = _cli("compile", zoo.graph("llama", "onnx"), "--tokenizer", model_dir, "-o", tmp_path / "a")
     assert r.exit_code == 1 and "recognize_rms_norm failed on this graph" in r.output

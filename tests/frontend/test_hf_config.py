@@ -154,7 +154,13 @@ def test_context_len(tmp_path):
     d = write_config(tmp_path)
     assert load_spec(d).context_len == 256
     assert load_spec(d, context_len=64).context_len == 64
-    assert load_spec(d, context_len=1024).context_len == 256  # never beyond max_position_embeddings
+    with pytest.raises(UnsupportedModelError, match=r"--context-len 1024 is beyond the model's max_position_embeddings "
+                                                    r"\(256, .*config.json\); pass --context-len 256 or less"):
+        load_spec(d, context_len=1024)  # refused, not capped: the user asked for more than the model serves
+    del_max = json.loads((d / "config.json").read_text())
+    del del_max["max_position_embeddings"]
+    (d / "config.json").write_text(json.dumps(del_max))
+    assert load_spec(d, context_len=8192).context_len == 8192  # no stated maximum: the user's length
 
 
 @pytest.mark.parametrize("name, config, context_len, want", [
@@ -195,7 +201,7 @@ def test_mixed_sliding_and_global_layers_read_per_layer_and_lowered_to_the_group
     windows = {int(f.attrs["kiln.layer_id"]): int(f.attrs["kiln.sliding_window"])
                for _, f in mod.functions_items() if is_attention(f)}
     assert windows == {0: -1, 1: 32}
-    out = run_pipeline(mod, build_pipeline(resolve_target("cpu")))  # kiln's grouped KV cache, not TVM's
+    out = run_pipeline(build_pipeline(resolve_target("cpu"), spec, fuse=False), mod).mod  # kiln's grouped KV cache
     assert {gv.name_hint for gv, f in out.functions_items() if "global_symbol" in (f.attrs or {})} == \
         set(GROUPED_ENTRY_POINTS)
     kernels = {gv.name_hint for gv, _ in out.functions_items()}

@@ -14,7 +14,7 @@ from kiln.frontend.reference import build_reference
 from kiln.ir.abi import ENTRY_POINTS
 from kiln.ir.spec import ModelSpec
 from kiln.passes.lib.serving import KV_ATTENTION_BUILTIN
-from kiln.passes.pipeline import Fusion, Step, build_pipeline, run_pipeline
+from kiln.passes.pipeline import Model, Step, build_pipeline, run_pipeline
 
 pytestmark = pytest.mark.cpu
 
@@ -22,12 +22,13 @@ SPEC = ModelSpec("LlamaForCausalLM", vocab_size=101, hidden_size=64, intermediat
                  num_q_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, context_len=128)
 
 
-def _expected_files(steps) -> list[str]:
-    return ["00-input.py"] + [f"{i:02d}-{s.name}.py" for i, s in enumerate(steps, start=1)]
+def _expected_files(steps, first: int = 0) -> list[str]:
+    """``00-input.py`` (when the pipeline was given a module), then one file per step."""
+    return (["00-input.py"] if first == 0 else []) + [f"{i:02d}-{s.name}.py" for i, s in enumerate(steps, start=1)]
 
 
-def _check_dumps(d: Path, steps) -> dict[str, str]:
-    names = _expected_files(steps)
+def _check_dumps(d: Path, steps, first: int = 0) -> dict[str, str]:
+    names = _expected_files(steps, first)
     assert sorted(p.name for p in d.iterdir()) == sorted(names)
     texts = {}
     for name in names:
@@ -44,15 +45,34 @@ def _defs(text: str) -> set[str]:
 
 
 def test_pipeline_steps_in_order():
-    steps = build_pipeline(resolve_target("cpu"))
+    steps = build_pipeline(resolve_target("cpu"), SPEC, fuse=False)
     assert [s.name for s in steps] == ["verify_reference", "lower_paged_attention", "dead_code_elimination"]
     assert all(s.check is not None for s in steps)
 
 
+def test_pipeline_steps_are_chosen_when_it_is_built():
+    """Every optional step is chosen from the source, spec, scheme and target, before anything runs."""
+    cpu, cuda = resolve_target("cpu"), resolve_target("cuda", "sm_90")
+    names = lambda steps: [s.name for s in steps]
+    fused = ["verify_reference", "fuse_dequant_matmul", "fuse_qkv", "fuse_gate_up"]
+    assert names(build_pipeline(cpu, SPEC)) == fused + ["fuse_add_rms_norm", "lower_paged_attention",
+                                                        "dead_code_elimination"]
+    assert names(build_pipeline(cuda, SPEC)) == fused + ["lower_paged_attention", "dead_code_elimination"]
+    sliding = SPEC.replace(sliding_window=32)
+    assert names(build_pipeline(cpu, sliding, fuse=False))[1] == "lower_paged_groups"
+    shared = SPEC.replace(kv_sources=(0, 0))
+    assert names(build_pipeline(cpu, shared, fuse=False))[:3] == ["verify_reference", "share_kv", "lower_paged_groups"]
+    from kiln.passes.pipeline import Quantization
+    from kiln.quant.schemes import get_scheme
+
+    quant = names(build_pipeline(cpu, SPEC, quant=Quantization(get_scheme("rtn-w4g128")), fuse=False))
+    assert quant[:2] == ["verify_reference", "quantize_linears"]
+
+
 def test_run_pipeline_dumps_every_step(tmp_path):
-    steps = build_pipeline(resolve_target("cpu"))
+    steps = build_pipeline(resolve_target("cpu"), SPEC, fuse=False)
     mod = build_reference(SPEC)
-    out = run_pipeline(mod, steps, tmp_path / "ir")
+    out = run_pipeline(steps, mod, tmp_path / "ir").mod
     texts = _check_dumps(tmp_path / "ir", steps)
     first, last = texts["00-input.py"], texts[_expected_files(steps)[-1]]
     assert first == mod.script()
@@ -67,14 +87,14 @@ def test_run_pipeline_dumps_every_step(tmp_path):
 
 def test_run_pipeline_without_dump_dir_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    out = run_pipeline(build_reference(SPEC), build_pipeline(resolve_target("cpu")))
+    out = run_pipeline(build_pipeline(resolve_target("cpu"), SPEC, fuse=False), build_reference(SPEC)).mod
     assert {gv.name_hint for gv in out.get_global_vars()} >= set(ENTRY_POINTS)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_keep_reference_pipeline_keeps_forward(tmp_path):
-    steps = build_pipeline(resolve_target("cpu"), keep_reference=True)
-    out = run_pipeline(build_reference(SPEC), steps, tmp_path)
+    steps = build_pipeline(resolve_target("cpu"), SPEC, fuse=False, keep_reference=True)
+    out = run_pipeline(steps, build_reference(SPEC), tmp_path).mod
     names = {gv.name_hint for gv in out.get_global_vars()}
     assert "forward" in names and set(ENTRY_POINTS) <= names
     assert "forward" in _defs((tmp_path / _expected_files(steps)[-1]).read_text())
@@ -87,7 +107,7 @@ def test_failing_check_stops_the_pipeline_after_dumping_what_ran(tmp_path):
     ran = []
     steps = [Step("first", lambda m: m), Step("broken", lambda m: m, bad), Step("never", lambda m: ran.append(1) or m)]
     with pytest.raises(PassError, match="step check failed"):
-        run_pipeline(build_reference(SPEC), steps, tmp_path)
+        run_pipeline(steps, Model(build_reference(SPEC)), tmp_path)
     assert not ran
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00-input.py", "01-first.py"]
 
@@ -102,10 +122,11 @@ def test_cli_compile_dump_ir(zoo, tmp_path):
     res = CliRunner().invoke(main, ["compile", str(model_dir), "-o", str(out), "--dump-ir", str(dump), "-q"])
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert "wrote" in res.output
-    steps = build_pipeline(resolve_target("cpu"), fusion=Fusion({}))  # the step names kiln compile runs
+    steps = build_pipeline(resolve_target("cpu"), SPEC)  # the step names kiln compile runs, after the import
     assert [s.name for s in steps][1:5] == ["fuse_dequant_matmul", "fuse_qkv", "fuse_gate_up", "fuse_add_rms_norm"]
-    texts = _check_dumps(dump, steps)
-    assert "forward" in _defs(texts["00-input.py"])
+    steps = [Step("import_checkpoint", None)] + steps
+    texts = _check_dumps(dump, steps, first=1)
+    assert "forward" in _defs(texts["01-import_checkpoint.py"])
     assert set(ENTRY_POINTS) <= _defs(texts[_expected_files(steps)[-1]])
     assert json.loads((out / "manifest.json").read_text())["target"]["name"] == "cpu"
     assert (out / "model.so").stat().st_size > 0

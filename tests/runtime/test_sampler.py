@@ -12,9 +12,21 @@ import torch
 
 from kiln.errors import RequestError
 from kiln.runtime.sampler import (Sampler, SamplingParams, SamplingRow, apply_penalties, argmax_rows,
-                                  choice_generator, penalised_logits, probabilities, sample, take_rows)
+                                  choice_generator, penalised_logits, probabilities, take_rows)
 
 V = 12
+
+
+def sample(logits: np.ndarray, p: SamplingParams, gen: torch.Generator | None = None, output_ids=()) -> int:
+    """One row through the batched sampler (the engine's only path), drawing from ``gen``."""
+    x = torch.tensor(np.asarray(logits, dtype=np.float32)[None])
+    return Sampler(x.shape[1], seed=0)(x, [SamplingRow(p, gen, (), output_ids)])[0][0]
+
+
+def draws(logits: np.ndarray, p: SamplingParams, n: int, seed: int) -> np.ndarray:
+    """n independent draws from one row, as one batch of n copies (the sampler's shared generator, seeded)."""
+    x = torch.tensor(np.tile(np.asarray(logits, dtype=np.float32), (n, 1)))
+    return np.array(Sampler(x.shape[1], seed=seed)(x, [SamplingRow(p)] * n)[0])
 
 
 def ref_probs(logits, temperature=1.0, top_k=0, top_p=1.0) -> np.ndarray:
@@ -56,24 +68,24 @@ def test_reference_sanity():
 
 
 def test_greedy_is_argmax(logits):
-    rng = np.random.default_rng(0)
+    gen = torch.Generator().manual_seed(0)
     for i in range(20):
         lg = np.random.default_rng(i).normal(size=300).astype(np.float32)
-        # greedy ignores top_k/top_p and the rng
+        # greedy ignores top_k/top_p and the generator
         for p in (SamplingParams(temperature=0), SamplingParams(temperature=0, top_k=5, top_p=0.5, seed=3)):
             assert p.greedy
-            assert sample(lg, p, rng) == int(np.argmax(lg))
-    # the greedy choice draws nothing from the rng
-    rng_a, rng_b = np.random.default_rng(1), np.random.default_rng(1)
-    sample(logits, SamplingParams(temperature=0), rng_a)
-    assert rng_a.random() == rng_b.random()
+            assert sample(lg, p, gen) == int(np.argmax(lg))
+    # the greedy choice draws nothing from its generator
+    gen_a, gen_b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    sample(logits, SamplingParams(temperature=0), gen_a)
+    assert torch.rand(1, generator=gen_a) == torch.rand(1, generator=gen_b)
 
 
 def test_greedy_negative_and_large_logits():
     lg = np.array([-1e30, -5.0, -3.0, -4.0], dtype=np.float32)
-    assert sample(lg, SamplingParams(temperature=0), np.random.default_rng()) == 2
+    assert sample(lg, SamplingParams(temperature=0)) == 2
     lg = np.array([1e30, 3e38, -3e38, 0.0], dtype=np.float32)
-    assert sample(lg, SamplingParams(temperature=0), np.random.default_rng()) == 1
+    assert sample(lg, SamplingParams(temperature=0)) == 1
 
 
 CASES = {
@@ -138,11 +150,10 @@ def test_sample_frequencies_match_probabilities(logits, case):
     kw = CASES[case]
     params = SamplingParams(**kw)
     probs = ref_probs(logits, **kw)
-    rng = np.random.default_rng(1234)
     n = 20000
-    draws = np.array([sample(logits, params, rng) for _ in range(n)])
-    assert draws.min() >= 0 and draws.max() < V
-    counts = np.bincount(draws, minlength=V)
+    drawn = draws(logits, params, n, seed=1234)
+    assert drawn.min() >= 0 and drawn.max() < V
+    counts = np.bincount(drawn, minlength=V)
     # tokens cut away are never drawn
     assert counts[probs == 0].sum() == 0
     freq = counts / n
@@ -157,15 +168,14 @@ def test_sample_frequencies_match_probabilities(logits, case):
 def test_sample_skewed_distribution():
     """A token of tiny probability is drawn about as often as it should be, not never and not too often."""
     lg = np.log(np.array([0.97, 0.02, 0.01]))
-    rng = np.random.default_rng(7)
     n = 20000
-    counts = np.bincount([sample(lg, SamplingParams(), rng) for _ in range(n)], minlength=3)
+    counts = np.bincount(draws(lg, SamplingParams(), n, seed=7), minlength=3)
     np.testing.assert_allclose(counts / n, [0.97, 0.02, 0.01], atol=0.005)
 
 
 def test_same_seed_same_samples(logits):
     params = SamplingParams(temperature=1.5, top_k=8)
-    r1, r2, r3 = np.random.default_rng(42), np.random.default_rng(42), np.random.default_rng(43)
+    r1, r2, r3 = (torch.Generator().manual_seed(k) for k in (42, 42, 43))
     s1 = [sample(logits, params, r1) for _ in range(200)]
     s2 = [sample(logits, params, r2) for _ in range(200)]
     s3 = [sample(logits, params, r3) for _ in range(200)]
@@ -308,9 +318,8 @@ def test_penalties_change_the_greedy_choice():
     assert s(lg, [SamplingRow(SamplingParams(temperature=0, presence_penalty=2.0), None, [0], [])])[0] == [0]
     assert s(lg, [SamplingRow(SamplingParams(temperature=0, frequency_penalty=0.06), None, (), [0, 0])])[0] == [1]
     assert s(lg, [SamplingRow(SamplingParams(temperature=0, frequency_penalty=0.06), None, (), [0])])[0] == [0]
-    # the old one-row path applies them too
-    assert sample(lg[0].numpy(), SamplingParams(temperature=0, presence_penalty=0.2), np.random.default_rng(0),
-                  output_ids=[0]) == 1
+    # and through the one-row helper, from a NumPy row
+    assert sample(lg[0].numpy(), SamplingParams(temperature=0, presence_penalty=0.2), output_ids=[0]) == 1
 
 
 def test_min_p_by_hand():

@@ -77,24 +77,14 @@ class Driver:
         if batch:
             self.kv.begin_forward(batch.seq_ids, batch.num_tokens)  # raises if the pages were not there
             self.kv.end_forward()
-        samples = batch.samples
-        self.sched.commit(batch)
-        finished = []
-        for seq, yes in zip(list(batch.seqs), samples):
-            if not yes:
-                continue
-            seq.tokens.append(next_token(seq.tokens))
-            self.sched.on_token(seq)
+        tokens, finished = [], []
+        for _, seq, index in batch.samples:  # a child-to-be's first token depends on its index
+            own = index == seq.index
+            tokens.append(next_token(seq.tokens if own else seq.tokens[:seq.prompt_len] + [index - seq.index - 1]))
+            finished.append((seq.num_generated + 1 if own else 1) >= seq.max_tokens)
             self.served[seq.user] = self.served.get(seq.user, 0) + 2
-            if seq.forks:
-                kids = self.sched.fork(seq, [[next_token(seq.tokens[:seq.prompt_len] + [k])] for k in range(seq.forks)])
-                for kid in kids:
-                    self.served[kid.user] = self.served.get(kid.user, 0) + 2
-                    finished += [kid] if kid.num_generated >= kid.max_tokens else []
-            if seq.num_generated >= seq.max_tokens:
-                finished.append(seq)
-        for seq in finished:
-            self.sched.finish(seq)
+        kids = self.sched.postprocess(batch, tokens, finished)
+        assert sorted(k.index for k in kids) == sorted(i for _, s, i in batch.samples if i != s.index)
         self.check_pages()
         return batch
 

@@ -48,7 +48,7 @@ def live_server(artifact, *, api_key: str | None = None, **engine_options):
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.02)
     try:
-        yield LiveServer(f"http://127.0.0.1:{port}", engine.engine.model_name, api_key, engine)
+        yield LiveServer(f"http://127.0.0.1:{port}", engine.model_name, api_key, engine)
     finally:
         server.should_exit = True  # graceful: lifespan shutdown stops the engine thread
         thread.join(30)

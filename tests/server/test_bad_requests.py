@@ -159,4 +159,4 @@ def test_still_serves_after_the_bad_requests(server):
     r = send(server, completion(max_tokens=None, prompt="x"))  # no max_tokens: the rest of the context window
     assert r.status_code == 200, r.text
     usage = r.json()["usage"]
-    assert usage["completion_tokens"] <= server.engine.engine.spec.context_len - usage["prompt_tokens"]
+    assert usage["completion_tokens"] <= server.engine.context_len - usage["prompt_tokens"]

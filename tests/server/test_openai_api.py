@@ -33,7 +33,7 @@ def client(server):
 def test_models_lists_the_artifact(client, server):
     (card,) = client.models.list().data
     assert card.id == server.model and card.owned_by == "kiln"
-    assert card.max_model_len == server.engine.engine.spec.context_len
+    assert card.max_model_len == server.engine.context_len
 
 
 def test_completion_stream_equals_non_stream(client, server):
@@ -172,7 +172,7 @@ def test_json_schema_output_validates(client, server, temperature):
 
 
 def test_token_id_prompt_equals_text_prompt(client, server):
-    ids = server.engine.engine.tokenizer.encode(PROMPT)
+    ids = server.engine.tokenizer.encode(PROMPT)
     by_text = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=8, temperature=0)
     by_ids = client.completions.create(model=server.model, prompt=ids, max_tokens=8, temperature=0)
     assert by_ids.choices[0].text == by_text.choices[0].text
@@ -208,7 +208,7 @@ def test_shared_prefix_is_not_recomputed(client, server):
     read from /metrics."""
     from live_server import metrics
 
-    tok = server.engine.engine.tokenizer
+    tok = server.engine.tokenizer
     shared = tok.encode(open(__file__).read())[:200]
     first = shared + tok.encode("\nx = 1")
     second = shared + tok.encode("\nclass Settings:")
