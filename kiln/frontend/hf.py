@@ -176,6 +176,15 @@ def _eos_ids(model_dir: Path, config: dict[str, Any]) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, list) else (int(eos),)
 
 
+def check_context_len(context_len: int | None, config: dict, where) -> None:
+    """Refuse a context length beyond the model's max_position_embeddings (where the config states one): RoPE
+    and the weights were trained for no longer sequences."""
+    max_pos = config.get("max_position_embeddings")
+    if context_len and max_pos and context_len > int(max_pos):
+        raise UnsupportedModelError(f"--context-len {context_len} is beyond the model's max_position_embeddings "
+                                    f"({int(max_pos)}, {where}); pass --context-len {int(max_pos)} or less")
+
+
 def load_spec(model_dir: Path, dtype: str | None = None, context_len: int | None = None,
               kv_sources: tuple[int, ...] | None = None) -> ModelSpec:
     """``kv_sources``: a sharing map given by the user (``kiln compile --kv-sharing``), over the config's."""
@@ -204,7 +213,8 @@ def _load_spec(model_dir: Path, dtype: str | None, context_len: int | None) -> M
         hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
         head_dim = int(config.get("head_dim") or hidden // heads)
         max_pos = int(config.get("max_position_embeddings", 4096))
-        ctx = min(max_pos, context_len) if context_len else max_pos
+        check_context_len(context_len, config, model_dir / "config.json")
+        ctx = context_len or max_pos
         window, layer_types, kv_sources = _attention_layout(config, ctx)
         bias = config.get("attention_bias", False)
         if dtype is None:
