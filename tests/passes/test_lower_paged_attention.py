@@ -557,7 +557,7 @@ def _be_expected(mod: IRModule) -> IRModule:
                     x = bb.emit_te(lambda t: te.compute((1, t.shape[1]), lambda i, j: t[t.shape[0] - 1, j],
                                                         name="last_row"), x, primfunc_name_hint="take_last_row")
                 elif name == "batch_prefill":  # the wanted rows
-                    x = bb.emit(relax.op.take(x, positions, axis=0))
+                    x = bb.emit(relax.op.take(x, positions, axis=0, mode="clip"))
                 logits = bb.emit(_be_tail(bb, x, w))
                 logits = bb.emit(relax.op.reshape(logits, rows))
                 out = bb.emit_output(relax.Tuple([logits, kv]))

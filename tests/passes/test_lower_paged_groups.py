@@ -113,7 +113,7 @@ def expected(mod: IRModule) -> IRModule:
             o = bb.emit(relax.call_tir(attend, [qr, pool0, pages, seq, pos], relax.TensorType([n, HQ, D], "float32")))
             x = bb.emit(relax.op.add(x, linear(bb.emit(relax.op.reshape(o, [n, HQ * D])), "layers.1.o_proj")))
             # the token-wise tail (final norm, lm_head) runs on the wanted rows only
-            x = bb.emit(relax.op.take(x, positions, axis=0))
+            x = bb.emit(relax.op.take(x, positions, axis=0, mode="clip"))
             h = bb.emit(relax.op.nn.rms_norm(x, w["final_norm"], axes=[-1], epsilon=1e-6))
             logits = bb.emit(relax.op.matmul(h, bb.emit(relax.op.permute_dims(w["embed_tokens"]))))
             logits = bb.emit(relax.op.reshape(logits, [1, b, V]))

@@ -153,8 +153,14 @@ class Analysis:
         """The earliest var of the token-wise tail ``out = f_k(...f_1(x))``: logits rows depend on x rows only."""
         out = self.ref.body.body
         x = out
-        while isinstance(x, relax.Var) and isinstance(self.value_of.get(x), relax.Call):
-            call = self.value_of[x]
+        while isinstance(x, relax.Var):
+            alias = self.value_of.get(x)
+            if isinstance(alias, relax.Var) and self.uses.get(alias, 0) == 1 and alias not in self.param_derived:
+                x = alias  # ``gv = lv`` (a dataflow block's output binding): the rows of gv are lv's
+                continue
+            if not isinstance(alias, relax.Call):
+                break
+            call = alias
             if not isinstance(call.op, tvm.ir.Op) or not call.args or not isinstance(call.args[0], relax.Var):
                 break
             src, rest = call.args[0], list(call.args[1:])
@@ -267,7 +273,9 @@ def emit_serving_function(cl: Cloner, an: Analysis, name: str, entry, state_inpu
         if name == "prefill":  # the last token's row
             return bb.emit_te(lambda t: te.compute((1, t.shape[1]), lambda i, j: t[t.shape[0] - 1, j], name="last_row"),
                               x, primfunc_name_hint="take_last_row")
-        return bb.emit(relax.op.take(x, positions, axis=0), name_hint="gathered")
+        # clip, not TVM's default "fast": the host's positions are in bounds either way, and a fast take makes TVM
+        # warn on every build that out-of-bounds indices segfault
+        return bb.emit(relax.op.take(x, positions, axis=0, mode="clip"), name_hint="gathered")
 
     special = {embed_var: on_embed, **{v: on_attention for v in attn_vars}}
     if name in ("prefill", "batch_prefill"):
