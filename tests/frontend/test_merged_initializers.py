@@ -14,10 +14,12 @@ import pytest
 import torch
 from conftest import BASE_CONFIG, export_graph, save_tokenizer
 
+from kiln.codegen.targets import resolve_target
 from kiln.frontend import import_hf
-from kiln.frontend.graph import import_graph
+from kiln.frontend.graph import open_graph
 from kiln.ir.abi import REFERENCE_ENTRY
 from kiln.ir.tvm import tvm
+from kiln.passes.pipeline import build_pipeline, run_pipeline
 
 from test_torch_export_import import compile_llvm
 
@@ -58,15 +60,17 @@ def test_the_export_merges_identical_tensors(fresh):
 
 @pytest.fixture(scope="module")
 def graph(fresh):
+    """The compile pipeline's steps up to recognize_model: the reference form, its params and spec."""
     model_dir, _, path = fresh
-    return import_graph(path, model_dir)
+    steps = build_pipeline(resolve_target("cpu"), source=open_graph(path, model_dir))
+    return run_pipeline(steps[:[s.name for s in steps].index("recognize_model") + 1])
 
 
 def test_each_role_gets_its_own_parameter_as_from_the_checkpoint(fresh, graph):
     model_dir = fresh[0]
     hf = import_hf(model_dir)
     assert graph.spec.tie_word_embeddings and graph.spec.attention_bias
-    assert list(graph.params) == list(graph.param_layout) == list(hf.params)
+    assert list(graph.params) == list(graph.layout) == list(hf.params)
     for name, want in hf.params.items():
         torch.testing.assert_close(graph.params[name], want, rtol=0, atol=0, msg=name)
 
