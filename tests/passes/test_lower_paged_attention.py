@@ -150,6 +150,19 @@ def test_keep_reference_keeps_forward_and_its_composites(lowered_keep):
     verify_serving(lowered_keep)
 
 
+def test_prefills_gather_before_the_final_norm_and_lm_head(lowered):
+    """On the reference form as the frontends build it (its output bound as ``gv = lv``), the prefills compute the
+    final norm and lm_head for the wanted rows only, never a [seq_len, vocab] logits tensor."""
+    for name in ("prefill", "batch_prefill"):
+        text = lowered[name].script()
+        assert f"(seq_len, {SPEC.vocab_size})" not in text, name
+        lines = text.splitlines()
+        at = lambda part: next(i for i, line in enumerate(lines) if part in line)
+        gather = at("R.call_tir(take_last_row" if name == "prefill" else "R.take(")
+        final_norm = max(i for i, line in enumerate(lines) if "R.nn.rms_norm(" in line)
+        assert gather < final_norm < at("R.permute_dims(lm_head"), name
+
+
 def test_verify_serving_rejects_a_missing_entry_point(lowered):
     broken = IRModule({gv: f for gv, f in lowered.functions_items() if gv.name_hint != "decode"})
     with pytest.raises(PassError, match="decode"):
