@@ -42,9 +42,9 @@ def _read_config(tokenizer_dir: Path) -> dict:
 
 
 def _eos_ids(tokenizer_dir: Path, config: dict) -> tuple[int, ...]:
-    from .hf import _eos_ids
+    from .hf import eos_ids
 
-    ids = _eos_ids(tokenizer_dir, config)
+    ids = eos_ids(tokenizer_dir, config)
     if ids:
         return ids
     tc = tokenizer_dir / "tokenizer_config.json"  # else the tokenizer's own end-of-sequence token
@@ -184,7 +184,7 @@ def open_graph(path: str | Path, tokenizer_dir: str | Path, dtype: str | None = 
                context_len: int | None = None) -> GraphSource:
     """Check a graph file and its tokenizer directory before any import: the tokenizer files, the context
     length (--context-len, else config.json's max_position_embeddings) and RoPE parameters to expect."""
-    from .hf import _rope, check_context_len, tokenizer_files
+    from .hf import check_context_len, rope_spec, tokenizer_files
 
     path, tokenizer_dir = Path(path), Path(tokenizer_dir)
     if not path.is_file():
@@ -201,7 +201,7 @@ def open_graph(path: str | Path, tokenizer_dir: str | Path, dtype: str | None = 
     rope_hint = None
     if config:
         try:
-            rope_hint = _rope(config)
+            rope_hint = rope_spec(config)
         except UnsupportedModelError:
             rope_hint = None  # the graph's own tables decide; an unknown scaling fails there, naming the node
     return GraphSource(path, tokenizer_dir, toks, config, int(ctx), dtype, rope_hint)

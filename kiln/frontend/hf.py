@@ -101,7 +101,7 @@ def prequantized(model_dir: Path) -> PreQuantized | None:
     return prequantized_of(_read_json(Path(model_dir) / "config.json"))
 
 
-def _rope(config: dict[str, Any]) -> RopeSpec:
+def rope_spec(config: dict[str, Any]) -> RopeSpec:
     # transformers >= 5 writes rope_parameters; older configs rope_theta + rope_scaling.
     params = dict(config.get("rope_parameters") or {})
     scaling = dict(config.get("rope_scaling") or {})
@@ -166,7 +166,7 @@ def _attention_layout(config: dict[str, Any], ctx: int) -> tuple[int | None, tup
     return (int(window) if window else None), tuple(kinds), tuple(sources)
 
 
-def _eos_ids(model_dir: Path, config: dict[str, Any]) -> tuple[int, ...]:
+def eos_ids(model_dir: Path, config: dict[str, Any]) -> tuple[int, ...]:
     gen = model_dir / "generation_config.json"
     eos = _read_json(gen).get("eos_token_id") if gen.exists() else None
     if eos is None:
@@ -232,7 +232,7 @@ def _load_spec(model_dir: Path, dtype: str | None, context_len: int | None) -> M
             head_dim=head_dim,
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
             context_len=ctx,
-            rope=_rope(config),
+            rope=rope_spec(config),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             attention_bias=bool(bias if arch.qkv_bias is None else arch.qkv_bias),
             o_bias=bool(bias if arch.o_bias is None else arch.o_bias),
@@ -242,7 +242,7 @@ def _load_spec(model_dir: Path, dtype: str | None, context_len: int | None) -> M
             kv_sources=kv_sources,
             dtype=dtype,
             bos_token_id=config.get("bos_token_id"),
-            eos_token_ids=_eos_ids(model_dir, config),
+            eos_token_ids=eos_ids(model_dir, config),
         )
     except KeyError as e:
         raise CheckpointError(f"{model_dir / 'config.json'} lacks the field {e.args[0]!r}") from None
