@@ -680,3 +680,21 @@ def test_torch_path_draws_what_the_numpy_path_draws(all_top_k, torch_fast, monke
         if a is not None:
             assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-6
             assert [t for t, _ in a.top] == [t for t, _ in b.top]
+
+
+def test_sample_routes_each_choice_to_its_path():
+    """``Sampler.sample``: plain rows take an argmax alone, the others the batched path; rows may share a
+    position (the choices of one prompt), and a seeded row draws as it would alone."""
+    V = 64
+    x = torch.from_numpy(np.random.default_rng(3).normal(size=(3, V)).astype(np.float32))
+    hot = SamplingParams(temperature=1.0, seed=5)
+    rows = [SamplingRow(SamplingParams(temperature=0)), SamplingRow(SamplingParams(temperature=0, logprobs=2)),
+            SamplingRow(hot, choice_generator(5, 0)), SamplingRow(hot, choice_generator(5, 1))]
+    assert [r.plain for r in rows] == [True, False, False, False]
+    tokens, logprobs = Sampler(V, seed=0).sample(x, [0, 1, 2, 2], rows)
+    assert tokens[:2] == [int(x[0].argmax()), int(x[1].argmax())]
+    assert logprobs[0] is None and logprobs[1].token_id == tokens[1] and len(logprobs[1].top) == 2
+    for j, index in ((2, 0), (3, 1)):  # the two choices of row 2, each as if sampled alone
+        alone = Sampler(V, seed=1)(x[2:3], [SamplingRow(hot, choice_generator(5, index))])[0][0]
+        assert tokens[j] == alone
+    assert Sampler(V).sample(x, [], []) == ([], [])
