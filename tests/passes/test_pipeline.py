@@ -130,3 +130,18 @@ def test_cli_compile_dump_ir(zoo, tmp_path):
     assert set(ENTRY_POINTS) <= _defs(texts[_expected_files(steps)[-1]])
     assert json.loads((out / "manifest.json").read_text())["target"]["name"] == "cpu"
     assert (out / "model.so").stat().st_size > 0
+
+
+def test_every_pass_has_a_before_expected_test_and_a_step():
+    """Each pass file kiln/passes/<verb>_<object>.py has a TVM-style structural test named
+    test_<verb>_<object>_before_expected in tests/passes, and is a step of the pipeline for some input."""
+    import re
+
+    root = Path(__file__).resolve().parents[2]
+    passes = sorted(p.stem for p in (root / "kiln" / "passes").glob("*.py") if p.stem not in ("__init__", "pipeline"))
+    assert len(passes) == 12, passes
+    tests = "\n".join(p.read_text() for p in (root / "tests" / "passes").glob("test_*.py"))
+    missing = [p for p in passes if not re.search(rf"^def test_{p}\w*before_expected\(", tests, re.M)]
+    assert not missing, f"passes without a Before/Expected test: {missing}"
+    pipeline = (root / "kiln" / "passes" / "pipeline.py").read_text()
+    assert [p for p in passes if not re.search(rf"\b{p}\b", pipeline)] == []

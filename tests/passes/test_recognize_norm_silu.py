@@ -70,7 +70,7 @@ def run(mod, x, w, ids):
 
 
 @pytest.mark.parametrize("before", [torch_norm, onnx_norm], ids=["torch.export", "onnx"])
-def test_rms_norm_before_expected(before):
+def test_recognize_rms_norm_before_expected(before):
     got = recognize_rms_norm(_module(before))
     assert structural_equal(got, _module(expected_norm), map_free_vars=True), got.script()
     rng = np.random.default_rng(0)
@@ -100,7 +100,7 @@ def test_rms_norm_leaves_other_reductions_alone():
         assert structural_equal(recognize_rms_norm(before), before)
 
 
-def test_silu_before_expected():
+def test_recognize_swiglu_before_expected():
     def before(bb, x, w):
         return relax.op.multiply(bb.emit(relax.op.sigmoid(x)), x)
 
