@@ -67,7 +67,7 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
     steps = build_pipeline(target, spec, source=source, quant=quant, fuse=config.fuse,
                            keep_reference=config.keep_reference)
     with report.timed("passes"), _step("passes", model_dir):
-        model = run_pipeline(steps, None, config.dump_ir, lambda name: progress(f"step {name}"))
+        model = run_pipeline(steps, None, config.dump_ir, lambda name: progress(_step_line(name, config)))
     spec = model.spec
     # the decode CUDA graphs' static memory is planned for this bound; none where there are no decode graphs (the
     # CPU, --no-cuda-graph, and the grouped cache's serving form, which has no decode entry point)
@@ -85,6 +85,13 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
                        spec=spec, target=target.describe(), param_layout=model.layout, options=options)
     report.artifact_bytes = sum(load_artifact(out).file_sizes().values()) + (Path(out) / "manifest.json").stat().st_size
     return report
+
+
+def _step_line(name: str, config: CompileConfig) -> str:
+    """The progress line of a pipeline step."""
+    if name == "import_checkpoint":
+        return "importing the config (no weights)" if config.config_only else "importing the checkpoint"
+    return "importing the graph" if name == "import_graph" else f"pass {name}"
 
 
 def _check(model_dir: Path, out: Path, config: CompileConfig):
