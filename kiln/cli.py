@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
+import math
+import os
 import re
 import sys
 import time
@@ -22,10 +25,15 @@ def _user_errors(fn):
     @wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at the interpreter's exit
+            return result
         except KilnError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
+        except BrokenPipeError:  # the reader left (`kiln inspect ART | head -1`): stop quietly, as Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not fail again
+            sys.exit(141)  # 128 + SIGPIPE, what a shell reports for a tool SIGPIPE ended
         except OSError as e:  # a path the user named cannot be read or written (permissions, disk full, ...)
             where = f": {e.filename}" if e.filename else ""
             click.echo(f"error: {e.strerror or e}{where}", err=True)
@@ -51,10 +59,31 @@ class _Progress:
         self.t = now
 
 
+class _ProgressLines(logging.Handler):
+    """Prints the long steps' progress lines (kiln/progress.py) on stderr, timed as _Progress's."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.t0 = time.perf_counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"[{time.perf_counter() - self.t0:6.1f}s]   {record.getMessage()}", err=True)
+
+
+def _show_progress(on: bool = True) -> None:
+    """Route the ``kiln.progress`` logger to stderr (one handler, however many commands one process runs)."""
+    log = logging.getLogger("kiln.progress")
+    for h in [h for h in log.handlers if isinstance(h, _ProgressLines)]:
+        log.removeHandler(h)
+    log.addHandler(_ProgressLines())
+    log.setLevel(logging.INFO if on else logging.WARNING)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="kiln")
 def main():
     """kiln: compile an LLM once with TVM, then serve or generate from the artifact."""
+    _show_progress()
 
 
 def _sharing_map(text: str | None) -> tuple[int, ...] | None:
@@ -64,6 +93,20 @@ def _sharing_map(text: str | None) -> tuple[int, ...] | None:
         return tuple(int(x) for x in text.split(","))
     except ValueError:
         raise KilnError(f"--kv-sharing {text!r}: expected comma-separated layer indices, one per layer") from None
+
+
+def _warn_unused_calib(quant: str | None, calib: Path | None) -> None:
+    """--calib with a scheme that reads no activation statistics: one warning line (the user expected it to count)."""
+    if calib is None:
+        return
+    from .quant.schemes import SCHEMES, get_scheme
+
+    if quant is not None and get_scheme(quant).needs_calib:
+        return
+    readers = ", ".join(name for name, s in SCHEMES.items() if s.needs_calib)
+    what = f"--quant {quant}" if quant else "a compile without --quant"
+    click.echo(f"warning: --calib {calib} is ignored: {what} reads no activation statistics (only {readers} do)",
+               err=True)
 
 
 @main.command("compile")
@@ -104,6 +147,8 @@ def compile_cmd(model_dir, out, target, arch, dtype, context_len, dump_ir, confi
     torch.export (.pt2) or to ONNX (.onnx), whose structure kiln recognises (needs --tokenizer)."""
     from .compiler import CompileConfig, compile_model
 
+    _show_progress(not quiet)
+    _warn_unused_calib(quant, calib)
     progress = _Progress(quiet)
     report = compile_model(model_dir, out, CompileConfig(target=target, arch=arch, dtype=dtype,
                                                          context_len=context_len, dump_ir=dump_ir,
@@ -164,7 +209,10 @@ def inspect(artifact, as_json, seq_len):
     info = {
         "path": str(art.path), "kiln_version": art.manifest.kiln_version,
         "tvm_version": art.manifest.tvm_version, "target": art.target, "spec": spec.to_json(),
-        "num_params": len(art.param_names), "files": sizes, "total_bytes": sum(sizes.values()),
+        # the model's parameters (elements, as transformers counts them; a quantized linear counts its weight's
+        # elements, not its packed words) and the tensors the artifact stores
+        "num_params": _num_model_params(spec), "num_tensors": len(art.param_names),
+        "files": sizes, "total_bytes": sum(sizes.values()),
         "kv_bytes_per_token": spec.kv_bytes_per_token,
         # per attention group: its KV-owning layers and the bytes one token costs in each of them; a sliding
         # group keeps only the last sliding_window tokens of a sequence
@@ -215,6 +263,16 @@ def inspect(artifact, as_json, seq_len):
     for name, size in sorted(sizes.items()):
         click.echo(f"  {name:<24} {size / 1e6:9.2f} MB")
     click.echo(f"  {'total':<24} {info['total_bytes'] / 1e6:9.2f} MB")
+
+
+def _num_model_params(spec) -> int:
+    """The model's parameter count: the elements of its weights in the reference form, a tied lm_head once, no
+    K/V projections for a layer that reads another layer's KV."""
+    from .frontend.reference import param_shapes
+    from .ir.spec import shared_kv_params
+
+    shared = shared_kv_params(spec.kv_sources)
+    return sum(math.prod(shape) for name, shape in param_shapes(spec).items() if name not in shared)
 
 
 _BYTE_UNITS = {"": 1, "b": 1,  # k, kb: 1000; ki, kib: 1024 (and so on up to t)

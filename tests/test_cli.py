@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -82,7 +83,8 @@ def test_compile_writes_artifact_and_reports_progress(compiled):
     assert res.returncode == 0, res.stdout + res.stderr
     assert "Traceback" not in res.stdout + res.stderr
     assert f"wrote {out}" in res.stdout
-    for stage in ("importing the checkpoint", "running passes", "building for cpu", "writing the artifact"):
+    for stage in ("importing the checkpoint", "pass verify_reference", "pass lower_paged_attention", "building for cpu",
+                  "writing the artifact"):
         assert stage in res.stderr, res.stderr
     progress = [line for line in res.stderr.splitlines() if line.startswith("[") and line.endswith("...")]
     assert len(progress) >= 4, res.stderr
@@ -110,7 +112,7 @@ def test_inspect(compiled, hf_dir):
         assert any(line.split()[0] == name and line.endswith("MB") for line in text.splitlines()), (name, text)
 
 
-def test_inspect_json(compiled, hf_dir):
+def test_inspect_json(compiled, hf_dir, zoo):
     _, out = compiled
     res = kiln("inspect", out, "--json")
     assert res.returncode == 0, res.stdout + res.stderr
@@ -122,7 +124,31 @@ def test_inspect_json(compiled, hf_dir):
     assert info["files"]["model.so"] == (out / "model.so").stat().st_size
     assert info["files"]["params.safetensors"] == (out / "params.safetensors").stat().st_size
     assert info["total_bytes"] == sum(info["files"].values())
-    assert info["num_params"] == len(json.loads((out / "manifest.json").read_text())["param_names"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert info["num_tensors"] == len(manifest["param_names"])
+    # parameters, not tensors: for a float model the elements stored, which transformers counts too
+    assert info["num_params"] == sum(math.prod(shape) for shape, _ in manifest["param_shapes"].values())
+    assert info["num_params"] == zoo.hf("llama")[1].num_parameters()
+
+
+def test_compile_shows_the_build_phases_and_no_third_party_warnings(compiled):
+    res, _ = compiled
+    lines = res.stderr.splitlines()
+    for phase in ("build: legalizing and fusing the operators",
+                  "build: lowering the kernels and compiling them with LLVM"):
+        assert sum(ln.endswith(phase) for ln in lines) == 1, res.stderr
+    assert not [ln for ln in lines if "warning" in ln.lower()], res.stderr  # TVM's "Fast mode segfaults ..." was one
+
+
+def test_inspect_into_a_pipe_closed_early_is_quiet(art):
+    """`kiln inspect ART | head -1`: the reader leaves before kiln is done; no "Broken pipe", no traceback."""
+    res = subprocess.run(f"'{KILN}' inspect '{art}' | head -1", shell=True, capture_output=True, text=True,
+                         cwd=ROOT, timeout=600)
+    assert res.stdout.startswith("artifact ") and res.stdout.count("\n") == 1 and res.stderr == "", res
+    p = subprocess.Popen([str(KILN), "inspect", str(art)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    p.stdout.close()  # the reader is gone before kiln writes its first line: the write itself fails
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=600) == 141 and err == "", err  # 128 + SIGPIPE, as a shell reports a tool SIGPIPE ended
 
 
 @pytest.fixture(scope="module")
@@ -273,6 +299,33 @@ def test_compile_refuses_to_overwrite_a_non_artifact(hf_dir, tmp_path):
     (out / "notes.txt").write_text("keep me")
     assert_user_error(kiln("compile", hf_dir, "-o", out), "refusing")
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_compile_refuses_a_context_beyond_the_model(tmp_path):
+    """--context-len past max_position_embeddings is refused (it was silently capped)."""
+    from conftest import DEMO_MODEL
+
+    assert_user_error(kiln("compile", DEMO_MODEL, "-o", tmp_path / "out", "--context-len", 4096),
+                      "--context-len 4096 is beyond the model's max_position_embeddings (512", "512 or less")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("quant, warned", [(None, True), ("rtn-w4g128", True), ("awq-w4g128", False)])
+def test_compile_warns_when_calib_is_ignored(hf_dir, tmp_path, quant, warned):
+    """--calib with a scheme that reads no activation statistics: one warning line. (Cheap: the compile then stops
+    at a directory it refuses to overwrite.)"""
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    res = kiln("compile", hf_dir, "-o", out, "--calib", tmp_path / "c.calib", *(["--quant", quant] if quant else []))
+    assert_user_error(res, "refusing")
+    warnings = [ln for ln in res.stderr.splitlines() if ln.startswith("warning: ")]
+    if not warned:
+        assert warnings == [], res.stderr
+        return
+    what = f"--quant {quant}" if quant else "a compile without --quant"
+    assert warnings == [f"warning: --calib {tmp_path / 'c.calib'} is ignored: {what} reads no activation statistics "
+                        "(only awq-w4g128, awq-w3g128, w4a8, w8a8 do)"], res.stderr
 
 
 # -- user errors: artifacts ----------------------------------------------------------------------------

@@ -117,6 +117,8 @@ def test_command_json(zoo, tmp_path):
     out = json.loads(lines[0])
     assert out["perplexity"] > 1.0 and out["window"] == 64 and out["stride"] == 32
     assert out["artifact"] == str(art) and out["num_tokens_scored"] == out["num_tokens"] - 1
+    progress = [ln for ln in r.stderr.splitlines() if "eval: window" in ln]  # a few lines, however many windows
+    assert 2 <= len(progress) <= 11 and progress[-1].endswith(f"eval: window {out['num_windows']}/{out['num_windows']}")
     r = invoke(art, "--data", data)  # the default window: the context (512), one window here
     assert r.exit_code == 0 and r.stdout.startswith("perplexity ") and "window 512, stride 256" in r.stdout
 

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import TargetError
+from ..progress import note
 from ..ir.tvm import cuda_runtime_loaded, dlight, relax, tvm
 from ..ir.quant_kernels import WEIGHT_STAGES
 from .cpu_schedule import ScheduleCPUMatmul
@@ -50,11 +51,22 @@ def inline_weight_stages(mod, _ctx):
     return mod
 
 
+def _phase(message: str):
+    """A no-op pass that reports, as one progress line, the phase of the build the passes after it make."""
+
+    @tvm.transform.module_pass(opt_level=0, name="kiln.BuildPhase")
+    def phase(mod, _ctx):
+        note(message)
+        return mod
+
+    return phase
+
+
 def _cuda_pipeline(target, max_batch_size):
     @tvm.transform.module_pass(opt_level=0, name="kiln.CUDAPipeline")
     def pipeline(mod, _ctx):
         graphs = [annotate_decode_graphs(max_batch_size)] if max_batch_size else []
-        seq = tvm.transform.Sequential(graphs + [
+        seq = tvm.transform.Sequential([_phase("build: legalizing and fusing the operators")] + graphs + [
             relax.transform.FuseTransposeMatmul(),  # matmul(x, permute_dims(W)) without materialising W^T
             relax.backend.DispatchSampling(), relax.backend.DispatchSortScan(),
             relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
@@ -62,6 +74,7 @@ def _cuda_pipeline(target, max_batch_size):
             relax.transform.DeadCodeElimination(), inline_weight_stages,
             # symbolic-M linears: a low-batch GEMV for small n, else a GEMM: kiln's wgmma kernel where the arch
             # has it (cuda_wgmma.py, its cubin attached to the module), else the rules below (cuda_gemv.py)
+            _phase("build: scheduling the kernels (dlight, tensor-core matmuls)"),
             low_batch_specialize([WgmmaLinear(), MatmulMMA(), dlight.gpu.Matmul()]), attach_kernels(),
             # prefill matmuls: kiln's ldmatrix + mma.sync + cp.async rule, else dlight's (WMMA or SIMT)
             dlight.ApplyDefaultSchedule(MatmulMMA(), dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
@@ -72,6 +85,7 @@ def _cuda_pipeline(target, max_batch_size):
             relax.transform.LowerAllocTensor(), relax.transform.KillAfterLastUse(),
             relax.transform.LowerRuntimeBuiltin(), relax.transform.ComputePrimValue(),
             relax.transform.VMShapeLower(), relax.transform.AttachGlobalSymbol(),
+            _phase("build: lowering the kernels and compiling them with nvcc"),
         ])
         with target:
             return seq(mod)
@@ -104,9 +118,10 @@ def _cpu_pipeline(target):
         # (measured: 3x slower batch-1 decode on the demo model). After FuseTIR (the end of the legalize
         # passes) the linears get a parallel, vectorized schedule; every other kernel stays as it is.
         seq = tvm.transform.Sequential(
-            [relax.transform.FuseTransposeMatmul()] + cpu.library_dispatch_passes(target)
-            + cpu.legalize_passes(target) + [ScheduleCPUMatmul]
-            + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target) + [mark_noalias])
+            [_phase("build: legalizing and fusing the operators"), relax.transform.FuseTransposeMatmul()]
+            + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target) + [ScheduleCPUMatmul]
+            + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target) + [mark_noalias]
+            + [_phase("build: lowering the kernels and compiling them with LLVM")])
         with target:
             return seq(mod)
 

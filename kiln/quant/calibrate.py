@@ -34,6 +34,7 @@ import numpy as np
 from ..errors import CheckpointError, KilnError
 from ..frontend.hf import load_spec
 from ..frontend.registry import ARCHITECTURES, Architecture
+from ..progress import count
 from .calibration import MAX_SAMPLES, Calibration, input_key
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "data" / "calibration.txt"
@@ -166,9 +167,10 @@ def calibrate(model_dir: str | Path, data: str | Path, config: CalibrateConfig =
     handles = [modules[hf].register_forward_hook(hook(kname)) for hf, kname in hooked.items()]
     try:
         with torch.inference_mode():
-            for start, end in blocks:
+            for i, (start, end) in enumerate(blocks, start=1):
                 model(torch.tensor([ids[start:end]], dtype=torch.long), use_cache=False)
                 offset += end - start
+                count("calibrate: block", i, len(blocks))
     finally:
         for h in handles:
             h.remove()

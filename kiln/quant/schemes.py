@@ -28,6 +28,7 @@ import torch
 
 from ..errors import KilnError, UnsupportedModelError
 from ..ir.spec import ModelSpec
+from ..progress import count
 from . import formats
 from .awq import awq_layer
 from .calibration import Calibration, linear_shapes, quantized_linears  # noqa: F401  (quantized_linears: the linears a scheme packs)
@@ -143,6 +144,7 @@ def quantize_params(params: dict[str, torch.Tensor], spec: ModelSpec, scheme: st
         before = dict(work)
         if sch.awq:
             awq_layer(work, spec, i, calib, sch.bits, sch.group_size)
+            count(f"{sch.name}: searched layer", i + 1, spec.num_layers)
         elif sch.kind in ("w4a8", "w8a8"):
             smooth_layer(work, spec, i, calib, SMOOTH_ALPHA)
         for k, v in work.items():

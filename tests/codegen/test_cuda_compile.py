@@ -169,6 +169,22 @@ def test_decode_steps_replay_cuda_graphs(cuda_artifact):
 
 @needs_nvcc
 @pytest.mark.cuda_compile
+def test_kiln_compile_reports_the_cuda_build_phases(zoo, tmp_path):
+    """The CUDA build is a compile's long step: `kiln compile` prints a line as each phase begins, and no warning
+    of TVM's (it used to print "Fast mode segfaults ..." on every build)."""
+    model_dir, _ = zoo.hf("llama")
+    proc = subprocess.run([sys.executable, "-m", "kiln.cli", "compile", str(model_dir), "-o", str(tmp_path / "a"),
+                           "--target", "cuda", "--arch", "sm_90", "--context-len", "64"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    phases = [ln.split("build: ", 1)[1] for ln in proc.stderr.splitlines() if "build: " in ln]
+    assert phases == ["legalizing and fusing the operators", "scheduling the kernels (dlight, tensor-core matmuls)",
+                      "lowering the kernels and compiling them with nvcc"], proc.stderr
+    assert "warning" not in proc.stderr.lower(), proc.stderr
+
+
+@needs_nvcc
+@pytest.mark.cuda_compile
 def test_no_cuda_graph_leaves_every_launch_to_the_vm(zoo, tmp_path):
     model_dir, _ = zoo.hf("llama")
     out = tmp_path / "nograph"

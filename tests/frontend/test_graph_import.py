@@ -229,6 +229,7 @@ def test_kiln_compile_cli_builds_a_graph_that_generates_like_transformers(fmt, z
     model_dir, hf = zoo.hf("qwen2")
     r = _cli("compile", zoo.graph("qwen2", fmt), "--tokenizer", model_dir, "-o", tmp_path / "art", "-q")
     assert r.exit_code == 0, r.output
+    assert "build:" not in r.stderr  # -q: no progress lines
     assert json.loads((tmp_path / "art" / "manifest.json").read_text())["options"]["source_format"] == \
         {"pt2": "torch.export", "onnx": "onnx"}[fmt]
     prompt = [5, 6, 7, 11, 13]
@@ -239,6 +240,13 @@ def test_kiln_compile_cli_builds_a_graph_that_generates_like_transformers(fmt, z
 def test_graph_without_tokenizer_is_a_user_error(zoo, tmp_path):
     r = _cli("compile", zoo.graph("llama", "onnx"), "-o", tmp_path / "a")
     assert r.exit_code == 1 and "--tokenizer" in r.output and "Traceback" not in r.output
+
+
+def test_context_beyond_the_models_maximum_is_a_user_error(zoo, tmp_path):
+    model_dir, _ = zoo.hf("llama")  # config.json beside the tokenizer: max_position_embeddings 256
+    r = _cli("compile", zoo.graph("llama", "pt2"), "--tokenizer", model_dir, "--context-len", 1024, "-o", tmp_path / "a")
+    assert r.exit_code == 1 and "--context-len 1024 is beyond the model's max_position_embeddings (256" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "a").exists()
 
 
 def test_tokenizer_option_on_a_checkpoint_is_a_user_error(zoo, tmp_path):

@@ -173,6 +173,8 @@ def test_command_writes_a_loadable_file(tmp_path, small_text):
     calib, meta = load_calibration(out)
     assert meta["options"] == {"num_samples": 2, "seq_len": 64, "seed": 3, "max_sample_rows": 512}
     assert meta["num_tokens"] == 128 and calib.samples["layers.0.down_proj"].shape == (128, 688)
+    assert [ln.split("]", 1)[1].strip() for ln in r.stderr.splitlines() if "calibrate: block" in ln] == \
+        ["calibrate: block 1/2", "calibrate: block 2/2"]  # progress through the model runs, on stderr
 
 
 def test_command_user_errors(tmp_path, small_text):

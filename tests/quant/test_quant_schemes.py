@@ -1,5 +1,6 @@
 """quantize_params on the bundled demo model's real weights, for every scheme; the Calibration file."""
 
+import logging
 import math
 
 import pytest
@@ -146,6 +147,15 @@ def test_every_scheme_on_the_demo_model(demo, scheme):
     again = quantize_params(params, spec, scheme, synthetic_calibration(spec))
     assert list(again) == list(out) and all(torch.equal(again[k], out[k]) for k in out)  # deterministic
     assert all(torch.equal(params[k], snapshot[k]) for k in params)  # the input is left alone
+
+
+def test_awq_reports_its_search_a_line_per_layer(demo, caplog):
+    """AWQ's search is the slow step of an awq-* compile: kiln.progress says where it is (`kiln compile` prints it)."""
+    spec, params = demo
+    with caplog.at_level(logging.INFO, logger="kiln.progress"):
+        quantize_params(params, spec, "awq-w4g128", synthetic_calibration(spec))
+    assert [r.getMessage() for r in caplog.records if r.name == "kiln.progress"] == \
+        [f"awq-w4g128: searched layer {i}/{spec.num_layers}" for i in range(1, spec.num_layers + 1)]
 
 
 @pytest.mark.parametrize("scheme", ["rtn-w4g128", "w4a8"])
