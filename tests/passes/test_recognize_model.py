@@ -27,15 +27,19 @@ WEIGHTS = {"emb": (V, H), "n1": (H,), "wq": (HQ * D, H), "wk": (HKV * D, H), "wv
            "n2": (H,), "gate": (I, H), "up": (I, H), "down": (H, I), "nf": (H,), "head": (V, H)}
 
 
-def before(mlp_act=relax.op.nn.silu) -> IRModule:
-    """The recognised imported graph of one Llama layer (weights as parameters, the batch axis kept)."""
+def before(mlp_act=relax.op.nn.silu, shared: dict[str, str] | None = None) -> IRModule:
+    """The recognised imported graph of one Llama layer (weights as parameters, the batch axis kept); ``shared``:
+    weight -> the weight whose parameter it reads instead (an exporter's merged initializers, a tied lm_head)."""
     bb = relax.BlockBuilder()
     attn = build_attention_function(bb, SPEC, 0)
     s = tirx.Var("s", "int64")
     ids = relax.Var("input_ids", relax.TensorType([1, s], "int64"))
     mask = relax.Var("attention_mask", relax.TensorType([1, s], "int64"))
-    w = {name: relax.Var(name, relax.TensorType(list(shape), "float32")) for name, shape in WEIGHTS.items()}
-    with bb.function("main", [ids, mask, *w.values()], attrs={"num_input": 2}):
+    w = {name: relax.Var(name, relax.TensorType(list(shape), "float32")) for name, shape in WEIGHTS.items()
+         if name not in (shared or {})}
+    params = list(w.values())
+    w.update({name: w[src] for name, src in (shared or {}).items()})
+    with bb.function("main", [ids, mask, *params], attrs={"num_input": 2}):
         with bb.dataflow():
             def linear(x, name):  # [1, s, in] @ W^T
                 return bb.emit(relax.op.matmul(x, bb.emit(relax.op.permute_dims(w[name]))))
@@ -73,6 +77,19 @@ def test_recognize_model_before_expected():
                             attention_bias=False, o_bias=False, qk_norm=False, dtype="float32", rope=RopeSpec(),
                             sliding_window=None)
     assert ModelSpec("LlamaForCausalLM", context_len=32, **got.spec) == SPEC
+
+
+@pytest.mark.parametrize("shared", [{"n2": "n1", "nf": "n1"}, {"head": "emb"}], ids=["merged-norms", "tied"])
+def test_a_weight_in_several_roles_gets_a_parameter_per_role(shared):
+    """One parameter read in several roles: an exporter that merged identical initializers (the all-ones norms of a
+    fresh model) or a tied lm_head. The reference form is the one for separate weights, each role's parameter
+    read from the shared one."""
+    got = recognize_model(before(shared=shared))
+    spec = SPEC.replace(tie_word_embeddings="head" in shared)
+    tvm.ir.assert_structural_equal(got.mod, build_reference(spec), map_free_vars=True)
+    want = dict(zip(param_shapes(SPEC), WEIGHTS))  # kiln name -> the weight an unmerged graph would give it
+    assert got.params == {name: (shared.get(src, src), False) for name, src in want.items() if name in param_shapes(spec)}
+    assert got.spec["tie_word_embeddings"] == ("head" in shared)
 
 
 def test_recognize_model_refuses_an_mlp_without_silu():
