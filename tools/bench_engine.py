@@ -6,8 +6,9 @@ For each batch size B, B requests (16-token prompts, ignore_eos) are admitted an
 ``--steps`` decode steps are timed. Each step is split into: scheduling, input preparation (host
 arrays and their copy to the device), the model (the VM calls), taking the logits (a view; the greedy
 rows' argmax runs where they are and only the other rows are copied to the host, inside sampling),
-and sampling + detokenization + stop checks. "engine" is everything but the model. Prints one JSON
-object with the medians in milliseconds.
+and sampling + detokenization + stop checks. "engine" is the step's wall time less the model's (so it
+does not depend on how a version splits its step). Prints one JSON object with the medians in
+milliseconds. The script runs on older kilns too (PYTHONPATH=OLD_CHECKOUT), for before/after pairs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 
 from kiln.runtime.engine import Engine, EngineConfig
 from kiln.runtime.outputs import Request
@@ -37,11 +39,15 @@ def measure(artifact: str, batch: int, steps: int, sampling: str) -> dict:
     while any(s.remaining > 1 for s in eng.scheduler.running) or eng.scheduler.num_waiting:
         eng.step()  # prefill
     eng.step_times.clear()
+    walls = []
     for _ in range(steps):
+        t = time.perf_counter()
         eng.step()
+        walls.append(time.perf_counter() - t)
     rows = [t for t in eng.step_times if t[0] == batch]
+    assert len(rows) == len(walls), "every timed step runs the whole batch"
     med = {name: statistics.median(t[1 + i] for t in rows) * 1e3 for i, name in enumerate(PARTS)}
-    engine_ms = statistics.median(sum(t[1:]) - t[3] for t in rows) * 1e3
+    engine_ms = statistics.median(w - t[3] for w, t in zip(walls, rows)) * 1e3  # the step's wall time less the model's
     return {"batch": batch, "steps": len(rows), "engine_ms": round(engine_ms, 3),
             **{k: round(v, 3) for k, v in med.items()}}
 

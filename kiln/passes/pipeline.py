@@ -92,8 +92,9 @@ def build_pipeline(target, spec=None, *, source=None, quant: Quantization | None
     # dequantized inside their products first; the merges then stack packed tensors.
     if fuse:
         group = quant.scheme.group_size if quant is not None else None
-        steps += [Step(f.__name__, _merging(f, group), verify_reference)
-                  for f in (fuse_dequant_matmul, fuse_qkv, fuse_gate_up)]
+        steps += [Step("fuse_dequant_matmul", _merging(fuse_dequant_matmul, group), verify_reference),
+                  Step("fuse_qkv", _merging(fuse_qkv, group), verify_reference),
+                  Step("fuse_gate_up", _merging(fuse_gate_up, group), verify_reference)]
         if target.name == "cpu":
             # On CUDA no dlight rule schedules the two-output kernel (GeneralReduction and Reduction both
             # decline it; Fallback would reduce each row in one thread), while TVM already fuses the
@@ -102,9 +103,12 @@ def build_pipeline(target, spec=None, *, source=None, quant: Quantization | None
     # Phase 3: the serving form. Attention goes onto TVM's paged KV cache, or, for a model with sliding-window
     # or KV-sharing layers, kiln's grouped one; the entry points appear. Then dead code goes.
     tt = target.tvm_target()
-    if spec is not None:
-        lower = lower_paged_groups if spec.grouped_kv else lower_paged_attention
-        steps.append(Step(lower.__name__, _on_module(lambda mod: lower(mod, tt, keep_reference)), verify_serving))
+    if spec is not None and spec.grouped_kv:
+        steps.append(Step("lower_paged_groups", _on_module(lambda mod: lower_paged_groups(mod, tt, keep_reference)),
+                          verify_serving))
+    elif spec is not None:
+        steps.append(Step("lower_paged_attention", _on_module(
+            lambda mod: lower_paged_attention(mod, tt, keep_reference)), verify_serving))
     else:
         steps.append(Step("lower_paged_kv", lambda m: replace(m, mod=(
             lower_paged_groups if m.spec.grouped_kv else lower_paged_attention)(m.mod, tt, keep_reference)),
