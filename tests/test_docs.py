@@ -218,3 +218,40 @@ def test_docs_name_no_path_outside_the_repo(doc):
     for pattern in (r"(?<![\w.])/work/", r"\.\./shared\b", r"(?<![\w./-])shared/(?:notes|DESIGN|STYLE)"):
         m = re.search(pattern, text)
         assert m is None, f"{doc.name} line {text.count(chr(10), 0, m.start()) + 1}: a path outside the repo"
+
+
+def _synopsis_options(doc: Path) -> list[tuple[str, str]]:
+    """(subcommand, --option) for every option of a ``kiln SUB ...`` synopsis in the doc's shell blocks, their
+    ``\\`` and indented continuation lines included."""
+    out = []
+    for block in shell_blocks(doc):
+        sub = None
+        for line in block.commands.splitlines():
+            m = re.match(r"\s*(?:\$\s*)?kiln\s+([a-z]+)\b", line)
+            if m:
+                sub = m.group(1)
+            elif not line.startswith((" ", "\t")):
+                sub = None  # another command
+            if sub is not None:
+                out += [(sub, opt) for opt in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", line)]
+    return out
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[str(d.relative_to(ROOT)) for d in DOCS])
+def test_kiln_synopses_name_real_commands_and_options(doc):
+    """docs/ show commands as synopses (MODEL_DIR, ARTIFACT): each names a real subcommand and real options."""
+    from kiln.cli import main
+
+    bad = []
+    for sub, opt in _synopsis_options(doc):
+        cmd = main.commands.get(sub)
+        if cmd is None:
+            bad.append(f"kiln {sub}: no such command")
+        elif opt not in {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)} | {"--help"}:
+            bad.append(f"kiln {sub} {opt}: no such option")
+    assert not bad, f"{doc.name}: " + "; ".join(bad)
+
+
+def test_the_synopsis_check_sees_options():
+    assert ("compile", "--quant") in _synopsis_options(ROOT / "docs" / "compiling.md")
+    assert ("serve", "--max-num-seqs") in _synopsis_options(ROOT / "docs" / "serving.md")
