@@ -288,11 +288,10 @@ class Engine:
 
     def _outputs(self) -> list[RequestOutput]:
         """One output per request with news; a finished request leaves the engine."""
-        outputs = []
-        for live in [live for live in self._live.values() if live.touched]:
-            outputs.append(self._output(live))
-            if live.finished:
-                del self._live[live.request.request_id]
+        outputs = [self._output(live) for live in self._live.values() if live.touched]
+        for out in outputs:
+            if out.finished:
+                del self._live[out.request_id]
         return outputs
 
     def _output(self, live: _Live) -> RequestOutput:

@@ -219,10 +219,11 @@ class Sampler:
         assert len(positions) == len(rows)
         tokens: list[int] = [0] * len(rows)
         logprobs: list[TokenLogprob | None] = [None] * len(rows)
-        plain = [j for j, r in enumerate(rows) if r.plain]
+        is_plain = [r.plain for r in rows]
+        plain = [j for j, yes in enumerate(is_plain) if yes]
         for j, t in zip(plain, self.argmax(logits, [positions[j] for j in plain]) if plain else ()):
             tokens[j] = t
-        rest = [j for j, r in enumerate(rows) if not r.plain]
+        rest = [j for j, yes in enumerate(is_plain) if not yes]
         groups = [rest] if self.uses_numpy(logits) else [[j for j in rest if rows[j].grammar is None],
                                                          [j for j in rest if rows[j].grammar is not None]]
         for group in (g for g in groups if g):
