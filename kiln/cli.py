@@ -540,7 +540,7 @@ def calibrate(model_dir, data, out, num_samples, seq_len, seed):
 @_user_errors
 def eval_cmd(artifact, data, window, stride, as_json):
     """Perplexity of ARTIFACT on the text in --data through kiln's runtime: windows of --window tokens
-    every --stride tokens, each scoring the tokens the previous window did not reach (README)."""
+    every --stride tokens, each scoring the tokens the previous window did not reach (docs/quantization.md)."""
     from .runtime.perplexity import evaluate_perplexity
 
     try:

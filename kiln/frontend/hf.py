@@ -130,7 +130,7 @@ def _attention_layout(config: dict[str, Any], ctx: int) -> tuple[int | None, tup
     ``max_window_layers``; Mistral-style ``sliding_window`` alone (every layer slides);
     ``use_sliding_window: false`` (none does). A window at least as long as the compiled context can never
     take effect: those layers are global. KV sources: kiln's ``kv_sources`` (per layer, the absolute index
-    of the layer whose K/V it attends to; its own index for an owner: docs in README "MixAttention"), or
+    of the layer whose K/V it attends to; its own index for an owner: docs/mixattention.md), or
     ``num_kv_shared_layers`` (the last N layers reuse the KV of the last earlier layer of the same type)."""
     n = int(config["num_hidden_layers"])
     window = config.get("sliding_window")

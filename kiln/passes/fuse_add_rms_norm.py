@@ -4,7 +4,7 @@ Matches, in the reference form, ``s = add(x, y)`` followed by ``h = rms_norm(s, 
 (the residual stream after attention or the MLP, and the next norm). Emits one ``call_tir`` of
 ``add_rms_norm`` returning ``(s, h)``: the sum is written once and normalised while it is in cache,
 and ``s`` still feeds the next residual add. With fuse_qkv and fuse_gate_up this takes a Llama layer
-from 11 kernels per decode step to 8 (see README "Fusion").
+from 11 kernels per decode step to 8 (docs/benchmarking.md, tools/bench_fusion.py).
 
 The kernel computes in float32 (like TOPI's rms_norm) and is marked opaque so that TVM's FuseOps keeps
 it whole. Invariant: ``s`` and ``h`` hold the same values as before (to float rounding).
