@@ -95,14 +95,22 @@ def _sharing_map(text: str | None) -> tuple[int, ...] | None:
         raise KilnError(f"--kv-sharing {text!r}: expected comma-separated layer indices, one per layer") from None
 
 
-def _warn_unused_calib(quant: str | None, calib: Path | None) -> None:
-    """--calib with a scheme that reads no activation statistics: one warning line (the user expected it to count)."""
+def _warn_unused_calib(model_dir: Path, quant: str | None, calib: Path | None) -> None:
+    """--calib with a scheme that reads no activation statistics: one warning line (the user expected it to count).
+    A pre-quantized checkpoint gets none: the compile refuses its --calib with its own error."""
     if calib is None:
         return
+    from .errors import KilnError
+    from .frontend.hf import prequantized
     from .quant.schemes import SCHEMES, get_scheme
 
     if quant is not None and get_scheme(quant).needs_calib:
         return
+    try:
+        if quant is None and Path(model_dir).is_dir() and prequantized(model_dir) is not None:
+            return
+    except KilnError:
+        return  # the compile says what is wrong with the checkpoint
     readers = ", ".join(name for name, s in SCHEMES.items() if s.needs_calib)
     what = f"--quant {quant}" if quant else "a compile without --quant"
     click.echo(f"warning: --calib {calib} is ignored: {what} reads no activation statistics (only {readers} do)",
@@ -148,7 +156,7 @@ def compile_cmd(model_dir, out, target, arch, dtype, context_len, dump_ir, confi
     from .compiler import CompileConfig, compile_model
 
     _show_progress(not quiet)
-    _warn_unused_calib(quant, calib)
+    _warn_unused_calib(model_dir, quant, calib)
     progress = _Progress(quiet)
     report = compile_model(model_dir, out, CompileConfig(target=target, arch=arch, dtype=dtype,
                                                          context_len=context_len, dump_ir=dump_ir,

@@ -111,11 +111,12 @@ def _check(model_dir: Path, out: Path, config: CompileConfig):
     else:
         if config.tokenizer is not None:
             raise KilnError(f"--tokenizer is for .pt2/.onnx graphs; {model_dir} brings its own tokenizer")
-        placeholder = config.config_only and not (model_dir / "tokenizer.json").exists()
-        source = open_checkpoint(model_dir, dtype=config.dtype, context_len=config.context_len,
-                                 with_tokenizer=not placeholder, with_weights=not config.config_only,
-                                 kv_sources=config.kv_sharing)
-    return source, target, _quantization(model_dir, config, getattr(source, "prequantized", None))
+        source = open_checkpoint(model_dir, dtype=config.dtype, context_len=config.context_len, with_tokenizer=False,
+                                 with_weights=not config.config_only, kv_sources=config.kv_sharing)
+    quant = _quantization(model_dir, config, getattr(source, "prequantized", None))
+    if source.kind == "checkpoint" and not (config.config_only and not (model_dir / "tokenizer.json").exists()):
+        source = source.with_tokenizer()  # checked after the scheme: a checkpoint's quantization is the first question
+    return source, target, quant
 
 
 def _quantization(model_dir: Path, config: CompileConfig, pre):

@@ -13,9 +13,10 @@ function's ``relax.rewrite_cuda_graph.capture_symbolic_vars``.
 scheduler runs, captured lazily) and an upper bound (``tir_var_upper_bound``) so that its memory is
 planned statically, at the bound. Past the bound the planned buffers would overflow, so the bound is
 recorded in the manifest (``options.max_batch_size``) and the model runner refuses a KV cache with
-more sequences than that. Prefill functions stay uncaptured: a graph per chunk length would not be
+more sequences than that. Prefill functions get no capture key: a graph per chunk length would not be
 reused (so a model on the grouped KV cache, whose serving form has only ``batch_prefill``, gets no
-graphs and no bound).
+graphs and no bound). Only ``prefill``'s static tail — the final norm and lm_head on the one row it
+gathers, ``[1, H] -> [1, V]`` — is captured by TVM as one graph that every prefill replays.
 
 Invariant: only function attributes change; the computation is the same, and a function that is not
 ``batch_decode`` is untouched.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -37,6 +38,12 @@ class CheckpointSource:
     @property
     def source_format(self) -> str:
         return self.prequantized.source_format if self.prequantized else "hf"
+
+    def with_tokenizer(self) -> "CheckpointSource":
+        """This source with its tokenizer files found (CheckpointError if the directory has no usable tokenizer)."""
+        from .hf import tokenizer_files
+
+        return dataclasses.replace(self, tokenizer_files=tokenizer_files(self.model_dir))
 
     def load(self) -> ImportedModel:
         """The reference form and, unless config-only, the weights (the parameter layout comes from the spec)."""

@@ -118,14 +118,19 @@ def test_autoawq_checkpoint_matches_dequantized_transformers(awq_checkpoint, tmp
 
 def test_params_convert_exactly_in_the_checkpoint_dtype(awq_checkpoint):
     """Without --dtype the model is the checkpoint's fp16; the converted weights are AutoAWQ's exactly."""
-    from kiln.compiler import _quantize
-    from kiln.frontend import import_hf
+    from kiln.codegen.targets import resolve_target
+    from kiln.frontend import open_checkpoint
+    from kiln.passes.pipeline import Quantization, build_pipeline, run_pipeline
     from kiln.quant.schemes import SCHEMES, dequantize_linear, quantized_linears
 
     path, _, reference = awq_checkpoint
-    imported = import_hf(path, with_tokenizer=False)
-    assert imported.spec.dtype == "float16" and imported.prequantized.scheme == "awq-w4g128"
-    layout, params, _ = _quantize(imported, SCHEMES["awq-w4g128"], None)
+    source = open_checkpoint(path, with_tokenizer=False)
+    assert source.spec.dtype == "float16" and source.prequantized.scheme == "awq-w4g128"
+    quant = Quantization(SCHEMES["awq-w4g128"], None, source.prequantized)
+    steps = build_pipeline(resolve_target("cpu"), source.spec, source=source, quant=quant, fuse=False)
+    assert [s.name for s in steps[:3]] == ["import_checkpoint", "verify_reference", "quantize_linears"]
+    model = run_pipeline(steps[:3])  # the packed params as the compile makes them
+    layout, params, imported = model.layout, model.params, source
     assert list(params) == list(layout)
     assert all(str(params[k].dtype).removeprefix("torch.") == dt for k, (_, dt) in layout.items())
     assert params["layers.0.q_proj.scales"].dtype == torch.float16
