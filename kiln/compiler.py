@@ -81,7 +81,7 @@ def compile_model(model_dir: str | Path, out: str | Path, config: CompileConfig,
                              config_only=config.config_only, max_batch_size=max_batch)
     with report.timed("write"):
         write_artifact(Path(out), write_library=lambda path: export(ex, path), params=model.params,
-                       tokenizer_files=model.tokenizer_files, write_placeholder_tokenizer=_placeholder(source, spec),
+                       tokenizer_files=source.tokenizer_files, write_placeholder_tokenizer=_placeholder(source, spec),
                        spec=spec, target=target.describe(), param_layout=model.layout, options=options)
     report.artifact_bytes = sum(load_artifact(out).file_sizes().values()) + (Path(out) / "manifest.json").stat().st_size
     return report
@@ -138,7 +138,7 @@ def _quantization(model_dir: Path, config: CompileConfig, pre):
 
 def _placeholder(source, spec):
     """A config-only checkpoint without a tokenizer gets a placeholder one covering the vocabulary."""
-    if getattr(source, "tokenizer_files", None):
+    if source.tokenizer_files:
         return None
     from .frontend.placeholder_tokenizer import write_placeholder_tokenizer
 

@@ -42,7 +42,6 @@ class Model:
     params: dict | None = None  # name -> torch tensor, in ``layout`` order; None when compiled from config.json alone
     layout: Layout | None = None  # name -> (shape, dtype): the packed params tuple, in order
     spec: Any = None  # ModelSpec
-    tokenizer_files: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -175,7 +174,7 @@ def _merging(fuse, group: int | None) -> Callable[[Model], Model]:
 
 
 def _from_imported(imported) -> Model:
-    return Model(imported.mod, imported.params, imported.param_layout, imported.spec, tuple(imported.tokenizer_files))
+    return Model(imported.mod, imported.params, imported.param_layout, imported.spec)
 
 
 def _import_graph(source) -> Model:
